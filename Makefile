@@ -1,0 +1,50 @@
+# Chasqui: `make run` starts a local 3-node cluster, `make test` runs the suite.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+NODES  ?= 3
+DATA   ?= ./var
+
+.PHONY: run test test-faults proto lint bench install install-test clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+## Start a local cluster (data in ./var); Ctrl-C stops every node.
+run: install
+	$(VENV)/bin/chasqui-node dev --nodes $(NODES) --data-dir $(DATA)
+
+## Unit, property, service, cluster tests and a bounded fault selection.
+test: install-test
+	$(PY) -m pytest -m 'not slow and not bench' tests
+
+## Every fault test, for longer.
+test-faults: install-test
+	$(PY) -m pytest -m 'faults' tests/faults
+
+## Regenerate chasqui_proto/ from proto/chasqui.proto.
+proto: install-test
+	$(PY) proto/generate.py
+
+lint: install-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+## Throughput and latency figures against a local 3-node cluster.
+bench: install-test
+	$(PY) -m pytest -m bench -s tests/bench
+
+clean:
+	rm -rf $(VENV) $(DATA) *.egg-info .pytest_cache .mypy_cache .ruff_cache

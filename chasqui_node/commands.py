@@ -1,0 +1,391 @@
+"""Commands the state machine applies, the results it returns, and their wire encoding.
+
+A Raft log entry is an `Entry`: the leader's clock (`now_ms`) and a batch of commands from
+concurrent clients (group commit). Entries travel through pysyncobj, which pickles its call
+arguments with protocol 2; that format inflates `bytes` about 1.7x and slowly, while an ASCII
+`str` pickles nearly verbatim. So `encode_entry` produces compact ASCII JSON: each command is a
+list `[tag, field, field, ...]` in dataclass field order, with bodies in base64.
+
+Results are never replicated (each replica computes its own, and only the proposing node hands
+them to a client), so they are plain frozen dataclasses with no encoding.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import enum
+import json
+from dataclasses import dataclass
+from typing import Any, Union
+
+from chasqui_node.errors import ChasquiError
+
+
+class Kind(enum.Enum):
+    """What a name refers to: topics fan out, queues hand each message to one consumer."""
+
+    TOPIC = "topic"
+    QUEUE = "queue"
+
+
+class Overflow(enum.Enum):
+    """What a queue at `max_length` does with one more publish."""
+
+    REJECT_PUBLISH = "reject_publish"
+    DROP_HEAD = "drop_head"
+
+
+class StartPosition(enum.Enum):
+    """Where a new topic subscription starts reading."""
+
+    LATEST = "latest"  # messages published after the subscription (the default)
+    EARLIEST = "earliest"  # the oldest retained message
+    OFFSET = "offset"  # a given offset, clamped to what is retained
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands. `key_hash` is the SHA-256 hex digest of the caller's key; keys never enter the log.
+
+
+@dataclass(frozen=True)
+class CreateUser:
+    key_hash: str
+    admin: bool = False
+
+
+@dataclass(frozen=True)
+class CreateTopic:
+    key_hash: str
+    name: str
+    exist_ok: bool = False
+    retention_ms: int = 0  # 0: limits.TOPIC_RETENTION_MS_DEFAULT
+    retention_bytes: int = 0  # 0: limits.TOPIC_RETENTION_BYTES_DEFAULT
+
+
+@dataclass(frozen=True)
+class DeleteTopic:
+    key_hash: str
+    name: str
+
+
+@dataclass(frozen=True)
+class CreateQueue:
+    key_hash: str
+    name: str
+    exist_ok: bool = False
+    visibility_timeout_ms: int = 0  # 0: limits.VISIBILITY_TIMEOUT_MS_DEFAULT
+    max_deliveries: int = 0  # 0: unlimited
+    dead_letter_queue: str = ""  # "": none; must exist when the queue is created
+    max_length: int = 0  # 0: limits.QUEUE_DEPTH_MAX
+    overflow: Overflow = Overflow.REJECT_PUBLISH
+    message_ttl_ms: int = 0  # 0: messages never expire
+
+
+@dataclass(frozen=True)
+class DeleteQueue:
+    key_hash: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Subscribe:
+    key_hash: str
+    kind: Kind
+    name: str
+    start: StartPosition = StartPosition.LATEST
+    offset: int = 0  # used with StartPosition.OFFSET
+
+
+@dataclass(frozen=True)
+class Unsubscribe:
+    key_hash: str
+    kind: Kind
+    name: str
+
+
+@dataclass(frozen=True)
+class Publish:
+    key_hash: str
+    kind: Kind
+    name: str
+    body: bytes
+    producer_id: str  # with `sequence`, identifies the publish for deduplication
+    sequence: int
+    delay_ms: int = 0  # queues only: the message becomes visible this much later
+
+
+@dataclass(frozen=True)
+class Consume:
+    key_hash: str
+    kind: Kind
+    name: str
+    max_messages: int = 1
+    visibility_timeout_ms: int = 0  # 0: the queue's own visibility timeout
+
+
+@dataclass(frozen=True)
+class Ack:
+    """Queue: delete the message if this delivery still holds its lease (idempotent).
+    Topic: move the caller's cursor past `sequence` (cumulative, idempotent)."""
+
+    key_hash: str
+    kind: Kind
+    name: str
+    sequence: int
+    delivery_count: int
+
+
+@dataclass(frozen=True)
+class Nack:
+    """Give a leased message back, visible again after `delay_ms`."""
+
+    key_hash: str
+    kind: Kind
+    name: str
+    sequence: int
+    delivery_count: int
+    delay_ms: int = 0
+
+
+@dataclass(frozen=True)
+class Extend:
+    """Push a leased message's visibility deadline to `now + extend_ms`."""
+
+    key_hash: str
+    kind: Kind
+    name: str
+    sequence: int
+    delivery_count: int
+    extend_ms: int
+
+
+Command = Union[
+    CreateUser,
+    CreateTopic,
+    DeleteTopic,
+    CreateQueue,
+    DeleteQueue,
+    Subscribe,
+    Unsubscribe,
+    Publish,
+    Consume,
+    Ack,
+    Nack,
+    Extend,
+]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One Raft log entry: the leader's wall clock when it proposed, and a batch of commands."""
+
+    now_ms: int
+    commands: tuple[Command, ...]
+
+
+# ---------------------------------------------------------------------------------------------
+# Results.
+
+
+@dataclass(frozen=True)
+class UserCreated:
+    user_id: str
+
+
+@dataclass(frozen=True)
+class Created:
+    kind: Kind
+    name: str
+    created: bool  # False when exist_ok found it already there (and owned by the caller)
+
+
+@dataclass(frozen=True)
+class Deleted:
+    kind: Kind
+    name: str
+
+
+@dataclass(frozen=True)
+class Subscribed:
+    kind: Kind
+    name: str
+    offset: int  # topics: the next offset this subscription will receive; queues: 0
+
+
+@dataclass(frozen=True)
+class Unsubscribed:
+    kind: Kind
+    name: str
+
+
+@dataclass(frozen=True)
+class Receipt:
+    kind: Kind
+    name: str
+    sequence: int  # position in the queue or offset in the topic
+    duplicate: bool  # True when (producer_id, sequence) was seen before: this is the original
+
+
+@dataclass(frozen=True)
+class Delivery:
+    kind: Kind
+    name: str
+    sequence: int
+    body: bytes
+    delivery_count: int  # 1 on first delivery; never goes backwards
+    publish_time_ms: int
+    producer_id: str
+    lease_deadline_ms: int  # ack before this, or the message is delivered again
+
+
+@dataclass(frozen=True)
+class Deliveries:
+    deliveries: tuple[Delivery, ...]
+    # When nothing is ready: the earliest time something may become ready (a lease expiring,
+    # a delayed message), or 0 if only a new publish can help. Lets a long-poll sleep exactly.
+    next_ready_ms: int = 0
+
+
+@dataclass(frozen=True)
+class Done:
+    """Ack, nack and extend succeed with nothing to report."""
+
+
+@dataclass(frozen=True)
+class TopicInfo:
+    name: str
+    owner: str
+    subscribed: bool
+    first_offset: int
+    next_offset: int
+
+
+@dataclass(frozen=True)
+class QueueInfo:
+    name: str
+    owner: str
+    subscribed: bool
+    depth: int  # messages stored: ready, delayed or leased
+    in_flight: int  # of which leased to a consumer now
+
+
+@dataclass(frozen=True)
+class UserInfo:
+    user_id: str
+    admin: bool
+
+
+Result = Union[
+    UserCreated, Created, Deleted, Subscribed, Unsubscribed, Receipt, Deliveries, Done, ChasquiError
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding.
+
+_COMMAND_TYPES: tuple[type[Any], ...] = (
+    CreateUser,
+    CreateTopic,
+    DeleteTopic,
+    CreateQueue,
+    DeleteQueue,
+    Subscribe,
+    Unsubscribe,
+    Publish,
+    Consume,
+    Ack,
+    Nack,
+    Extend,
+)
+# Tags are part of the log format: append new types at the end, never reorder.
+_TAG_OF: dict[type[Any], int] = {cls: tag for tag, cls in enumerate(_COMMAND_TYPES)}
+_FIELDS: dict[type[Any], tuple[tuple[str, type[Any]], ...]] = {}
+_SCALARS: dict[str, type[Any]] = {"str": str, "int": int, "bool": bool, "bytes": bytes}
+_ENUMS: dict[str, type[enum.Enum]] = {
+    "Kind": Kind,
+    "Overflow": Overflow,
+    "StartPosition": StartPosition,
+}
+for _cls in _COMMAND_TYPES:
+    _FIELDS[_cls] = tuple(
+        (field.name, _SCALARS.get(str(field.type)) or _ENUMS[str(field.type)])
+        for field in dataclasses.fields(_cls)
+    )
+
+ENTRY_FORMAT_VERSION = 1
+
+
+class MalformedEntry(ValueError):
+    """Entry text that does not decode: only a bug or a foreign writer can cause it."""
+
+
+def _encode_value(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, enum.Enum):
+        return value.value
+    return value
+
+
+def encode_command(command: Command) -> list[Any]:
+    return [_TAG_OF[type(command)]] + [
+        _encode_value(getattr(command, name)) for name, _ in _FIELDS[type(command)]
+    ]
+
+
+def decode_command(item: Any) -> Command:
+    if not isinstance(item, list) or not item or not isinstance(item[0], int):
+        raise MalformedEntry(f"command is not a tagged list: {item!r:.80}")
+    tag = item[0]
+    if not 0 <= tag < len(_COMMAND_TYPES):
+        raise MalformedEntry(f"unknown command tag {tag}")
+    cls = _COMMAND_TYPES[tag]
+    fields = _FIELDS[cls]
+    if len(item) != len(fields) + 1:
+        raise MalformedEntry(f"{cls.__name__} has {len(item) - 1} fields, expected {len(fields)}")
+    values: dict[str, Any] = {}
+    for (name, field_type), raw in zip(fields, item[1:]):
+        try:
+            if field_type is bytes:
+                values[name] = base64.b64decode(raw, validate=True)
+            elif issubclass(field_type, enum.Enum):
+                values[name] = field_type(raw)
+            elif type(raw) is not field_type:
+                raise MalformedEntry(f"{cls.__name__}.{name} is {type(raw).__name__}")
+            else:
+                values[name] = raw
+        except (binascii.Error, TypeError, ValueError) as error:
+            raise MalformedEntry(f"{cls.__name__}.{name}: {error}") from error
+    command: Command = cls(**values)
+    return command
+
+
+def encode_entry(entry: Entry) -> str:
+    """Encode an entry as compact ASCII JSON (see the module docstring for why text)."""
+    return json.dumps(
+        [ENTRY_FORMAT_VERSION, entry.now_ms, [encode_command(c) for c in entry.commands]],
+        separators=(",", ":"),
+        ensure_ascii=True,
+    )
+
+
+def decode_entry(text: str) -> Entry:
+    """Raises `MalformedEntry` for anything `encode_entry` could not have produced."""
+    try:
+        raw = json.loads(text)
+    except (ValueError, TypeError) as error:
+        raise MalformedEntry(f"entry is not JSON: {error}") from error
+    if not (isinstance(raw, list) and len(raw) == 3 and raw[0] == ENTRY_FORMAT_VERSION):
+        raise MalformedEntry(f"entry has unknown shape or version: {str(raw)[:80]}")
+    now_ms, items = raw[1], raw[2]
+    if type(now_ms) is not int or not isinstance(items, list):
+        raise MalformedEntry("entry fields have wrong types")
+    return Entry(now_ms=now_ms, commands=tuple(decode_command(item) for item in items))
+
+
+def encoded_size(command: Command) -> int:
+    """Bytes the command adds to an encoded entry, to keep entries under the chunking size."""
+    body = getattr(command, "body", b"")
+    return 160 + len(getattr(command, "name", "")) + (len(body) * 4 + 2) // 3

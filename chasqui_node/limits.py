@@ -1,0 +1,44 @@
+"""Every bound Chasqui enforces, with its unit and the reason for its value.
+
+Stateless limits (sizes, name rules) are checked at the edges: in `service.py` and again in the
+client. State-dependent limits (queue full, queue count) are decided inside `apply()`.
+"""
+
+MESSAGE_BYTES_MAX = 1 * 1024 * 1024  # one payload; bigger blobs belong in object storage
+NAME_BYTES_MAX = 200  # queue and topic names, UTF-8 encoded
+NAME_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-"
+PRODUCER_ID_BYTES_MAX = 64  # a UUID as text fits with room to spare
+QUEUE_DEPTH_MAX = 1_000_000  # undelivered messages per queue
+QUEUES_MAX = 10_000  # per cluster; keeps snapshots bounded
+TOPICS_MAX = 10_000  # per cluster; keeps snapshots bounded
+USERS_MAX = 100_000  # per cluster; open signup must not grow state without bound
+PUBLISH_BATCH_MESSAGES_MAX = 500
+PUBLISH_BATCH_BYTES_MAX = 4 * 1024 * 1024
+CONSUME_MESSAGES_MAX = 500  # messages handed out by one consume call
+ACK_BATCH_MAX = 1000  # deliveries acked by one call
+GRPC_MESSAGE_BYTES_MAX = PUBLISH_BATCH_BYTES_MAX + 64 * 1024  # headroom for the envelope
+
+CONSUME_WAIT_S_MAX = 60.0  # longest long-poll; longer waits are better as repeated calls
+VISIBILITY_TIMEOUT_MS_DEFAULT = 30_000  # ARCHITECTURE section 2
+VISIBILITY_TIMEOUT_MS_MAX = 12 * 3600 * 1000  # SQS allows 12 h; a longer lease hides a dead consumer
+DELAY_MS_MAX = 15 * 60 * 1000  # delayed delivery and nack delay; SQS caps delays at 15 min
+MESSAGE_TTL_MS_MAX = 14 * 24 * 3600 * 1000  # two weeks; queues are not archives
+MAX_DELIVERIES_MAX = 1000  # beyond this a poison message should have been dead-lettered long ago
+TOPIC_RETENTION_MS_DEFAULT = 7 * 24 * 3600 * 1000  # topic messages older than this are dropped
+TOPIC_RETENTION_BYTES_DEFAULT = 1024 * 1024 * 1024  # per topic
+
+DEDUP_WINDOW_MS = 10 * 60 * 1000  # a retry older than this may be stored twice (NATS: 2 min)
+DEDUP_PURGE_PER_COMMAND = 64  # expired dedup entries removed per applied command; bounds apply time
+RETENTION_PURGE_PER_COMMAND = 64  # expired topic messages removed per applied command
+
+# Raft entries: pysyncobj sends entries of 64 KiB or more down a slow chunked path (see
+# ARCHITECTURE section 3), so the proposer closes a batch before it reaches this size.
+RAFT_ENTRY_BYTES_TARGET = 48 * 1024
+RAFT_ENTRY_COMMANDS_MAX = 500
+PROPOSAL_TIMEOUT_S_DEFAULT = 5.0  # longest wait for a proposal to commit before ABORTED
+PROPOSALS_IN_FLIGHT_MAX = 10_000  # queued proposals on the leader before RESOURCE_EXHAUSTED
+
+KEY_BYTES = 24  # random bytes in a user key (192 bits, above the 128 required)
+
+assert MESSAGE_BYTES_MAX <= PUBLISH_BATCH_BYTES_MAX
+assert PUBLISH_BATCH_BYTES_MAX < GRPC_MESSAGE_BYTES_MAX
