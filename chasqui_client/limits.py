@@ -1,0 +1,31 @@
+"""Stateless limits the client checks before sending anything.
+
+These values mirror `chasqui_node/limits.py` (the client must not import `chasqui_node`; the two
+share only the generated proto modules). The node checks them again and stays the authority: if a
+node is configured differently, its answer wins and reaches the caller as `InvalidArgument`.
+"""
+
+MESSAGE_BYTES_MAX = 1 * 1024 * 1024  # one payload; bigger blobs belong in object storage
+NAME_BYTES_MAX = 200  # queue and topic names, UTF-8 encoded
+NAME_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-"
+PUBLISH_BATCH_MESSAGES_MAX = 500  # messages in one PublishBatch call
+PUBLISH_BATCH_BYTES_MAX = 4 * 1024 * 1024  # summed bodies in one PublishBatch call
+CONSUME_MESSAGES_MAX = 500  # messages handed out by one consume call
+ACK_BATCH_MAX = 1000  # deliveries acked by one call; longer lists are split
+GRPC_MESSAGE_BYTES_MAX = PUBLISH_BATCH_BYTES_MAX + 64 * 1024  # headroom for the envelope
+
+CONSUME_WAIT_S_MAX = 60.0  # longest long-poll; longer waits are better as repeated calls
+VISIBILITY_TIMEOUT_MS_MAX = 12 * 3600 * 1000  # a longer lease hides a dead consumer
+DELAY_MS_MAX = 15 * 60 * 1000  # delayed delivery and nack delay
+MESSAGE_TTL_MS_MAX = 14 * 24 * 3600 * 1000  # two weeks; queues are not archives
+MAX_DELIVERIES_MAX = 1000  # beyond this a poison message should have been dead-lettered
+
+# Client-only bounds: how long and how often the client keeps trying.
+CALL_TIMEOUT_S_DEFAULT = 10.0  # overall budget of one call, retries and redirects included
+CONNECT_TIMEOUT_S_DEFAULT = 2.0  # first attempt on a not-yet-connected endpoint
+BACKOFF_INITIAL_S = 0.05  # pause after a round in which every endpoint failed
+BACKOFF_MAX_S = 1.0  # the pause doubles per round up to this
+REDIRECTS_PER_ROUND_MAX = 3  # leader hints followed at once before backing off (elections flap)
+
+assert MESSAGE_BYTES_MAX <= PUBLISH_BATCH_BYTES_MAX
+assert PUBLISH_BATCH_BYTES_MAX < GRPC_MESSAGE_BYTES_MAX
