@@ -55,7 +55,19 @@ LEADER_METADATA_KEY = "chasqui-leader"
 _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", limits.GRPC_MESSAGE_BYTES_MAX),
     ("grpc.max_receive_message_length", limits.GRPC_MESSAGE_BYTES_MAX),
+    # gRPC's reconnect backoff grows to 120 s by default, during which calls to a node that came
+    # back fail at once; a broker's nodes restart in seconds, so reconnect within about 1 s.
+    ("grpc.initial_reconnect_backoff_ms", limits.RECONNECT_BACKOFF_INITIAL_MS),
+    ("grpc.max_reconnect_backoff_ms", limits.RECONNECT_BACKOFF_MAX_MS),
 ]
+# States after which a call on the channel is answered at once: connected, or failing fast.
+_SETTLED_STATES = frozenset(
+    {
+        grpc.ChannelConnectivity.READY,
+        grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+        grpc.ChannelConnectivity.SHUTDOWN,
+    }
+)
 _AMBIGUOUS_CODES = (grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED)
 _NAME_ALPHABET = frozenset(limits.NAME_ALPHABET)
 
@@ -72,12 +84,34 @@ class _Endpoint:
         else:
             self.channel = grpc.secure_channel(address, credentials, options=_CHANNEL_OPTIONS)
         self.stub = chasqui_pb2_grpc.BrokerStub(self.channel)
-        # Written by gRPC's polling thread; a single attribute store, read without a lock.
+        # Written by gRPC's polling thread under the condition; read without it where a stale
+        # value only costs one extra attempt.
         self.state: grpc.ChannelConnectivity | None = None
+        self._state_changed = threading.Condition()
         self.channel.subscribe(self._on_state, try_to_connect=False)
 
     def _on_state(self, state: grpc.ChannelConnectivity) -> None:
-        self.state = state
+        with self._state_changed:
+            self.state = state
+            self._state_changed.notify_all()
+
+    def wait_settled(self, timeout_s: float) -> bool:
+        """Connects if needed; True once the channel is READY or failing fast, False on timeout.
+
+        A host that drops packets keeps the channel CONNECTING: this bounds how long the client
+        waits for it, without having sent anything, so moving on cannot duplicate a request.
+        """
+        with self._state_changed:
+            if self.state in _SETTLED_STATES:
+                return True
+        connecting = grpc.channel_ready_future(self.channel)  # asks an idle channel to connect
+        try:
+            with self._state_changed:
+                return self._state_changed.wait_for(
+                    lambda: self.state in _SETTLED_STATES, timeout=timeout_s
+                )
+        finally:
+            connecting.cancel()
 
     @property
     def connected(self) -> bool:
@@ -102,6 +136,11 @@ class Client:
     `endpoints` are the nodes' client addresses ("host:port"); any one reachable node is enough,
     since followers point to the leader. With `key=None` the constructor registers a new user
     (CreateUser) and keeps its key in `.key`, to reconnect later with `Client(endpoints, key)`.
+
+    Time bounds: `call_timeout_s` is the budget of one call, retries included (a consume adds its
+    long-poll `timeout_s`). `attempt_timeout_s` (default: `call_timeout_s`) bounds one attempt on
+    a connected node; lower it to fail over sooner from a node that hangs. `connect_timeout_s`
+    bounds an attempt on a node the client has not connected to yet.
     """
 
     def __init__(
@@ -110,6 +149,7 @@ class Client:
         key: str | None = None,
         *,
         call_timeout_s: float = limits.CALL_TIMEOUT_S_DEFAULT,
+        attempt_timeout_s: float | None = None,
         connect_timeout_s: float = limits.CONNECT_TIMEOUT_S_DEFAULT,
         backoff_initial_s: float = limits.BACKOFF_INITIAL_S,
         backoff_max_s: float = limits.BACKOFF_MAX_S,
@@ -120,11 +160,14 @@ class Client:
         addresses = list(dict.fromkeys(endpoint.strip() for endpoint in endpoints))
         if not addresses or not all(addresses):
             raise ValueError(f"endpoints must be non-empty 'host:port' strings, got {endpoints!r}")
-        if call_timeout_s <= 0 or connect_timeout_s <= 0:
-            raise ValueError("call_timeout_s and connect_timeout_s must be positive")
+        if attempt_timeout_s is None:
+            attempt_timeout_s = call_timeout_s
+        if min(call_timeout_s, attempt_timeout_s, connect_timeout_s) <= 0:
+            raise ValueError("call_timeout_s, attempt_timeout_s and connect_timeout_s must be > 0")
         if not 0 < backoff_initial_s <= backoff_max_s:
             raise ValueError("backoff_initial_s must be positive and at most backoff_max_s")
         self.call_timeout_s = call_timeout_s
+        self.attempt_timeout_s = attempt_timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
@@ -583,12 +626,21 @@ class Client:
                 if remaining_s <= 0:
                     raise self._budget_error(budget_s, record)
                 endpoint = self._endpoint(address)
+                request_wait_s = 0.0
                 if wait_s > 0 and isinstance(request, chasqui_pb2.ConsumeRequest):
-                    request.timeout_s = min(wait_s, max(0.0, remaining_s - self.call_timeout_s))
-                attempt_timeout_s = remaining_s
-                if not endpoint.connected:
-                    # An unreachable host must not eat the whole budget before others are tried.
-                    attempt_timeout_s = min(remaining_s, self.connect_timeout_s + wait_s)
+                    request_wait_s = min(wait_s, max(0.0, remaining_s - self.call_timeout_s))
+                    request.timeout_s = request_wait_s
+                if not endpoint.connected and not endpoint.wait_settled(
+                    min(remaining_s, self.connect_timeout_s)
+                ):
+                    record.attempts[address] = (
+                        f"could not connect within connect_timeout_s {self.connect_timeout_s:g}"
+                    )
+                    self._forget_leader(address)
+                    continue
+                attempt_timeout_s = min(
+                    deadline - time.monotonic(), self.attempt_timeout_s + request_wait_s
+                )
                 try:
                     response = getattr(endpoint.stub, rpc)(
                         request, timeout=attempt_timeout_s, metadata=metadata

@@ -22,7 +22,9 @@ MAX_DELIVERIES_MAX = 1000  # beyond this a poison message should have been dead-
 
 # Client-only bounds: how long and how often the client keeps trying.
 CALL_TIMEOUT_S_DEFAULT = 10.0  # overall budget of one call, retries and redirects included
-CONNECT_TIMEOUT_S_DEFAULT = 2.0  # first attempt on a not-yet-connected endpoint
+CONNECT_TIMEOUT_S_DEFAULT = 2.0  # wait for a not-yet-connected endpoint before moving on
+RECONNECT_BACKOFF_INITIAL_MS = 100  # gRPC channel reconnects to a node that was down
+RECONNECT_BACKOFF_MAX_MS = 1000  # gRPC's default is 120 s: too slow for failover
 BACKOFF_INITIAL_S = 0.05  # pause after a round in which every endpoint failed
 BACKOFF_MAX_S = 1.0  # the pause doubles per round up to this
 REDIRECTS_PER_ROUND_MAX = 3  # leader hints followed at once before backing off (elections flap)
