@@ -30,6 +30,9 @@ TOPIC_RETENTION_BYTES_DEFAULT = 1024 * 1024 * 1024  # per topic
 DEDUP_WINDOW_MS = 10 * 60 * 1000  # a retry older than this may be stored twice (NATS: 2 min)
 DEDUP_PURGE_PER_COMMAND = 64  # expired dedup entries removed per applied command; bounds apply time
 RETENTION_PURGE_PER_COMMAND = 64  # expired topic messages removed per applied command
+DELETED_PURGE_PER_COMMAND = 256  # records of a deleted queue or topic removed per command
+IN_FLIGHT_COUNT_MAX = 10_000  # list_queues counts leased messages up to this, then reports it
+KEY_HASH_CHARS_MAX = 128  # a SHA-256 hex digest is 64; leaves room for a longer hash
 
 # Raft entries: pysyncobj sends entries of 64 KiB or more down a slow chunked path (see
 # ARCHITECTURE section 3), so the proposer closes a batch before it reaches this size.

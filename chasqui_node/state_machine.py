@@ -1,0 +1,1134 @@
+"""The deterministic heart of Chasqui: applies committed entries to a key-value store.
+
+Plain Python: no I/O, no clock, no randomness, no logging. Time arrives as data (`Entry.now_ms`,
+stamped by the leader) and is folded into a stored clock that never goes backwards, so every
+replica fed the same entries in the same order ends byte-identical and returns identical results.
+
+All state lives in a `Store` passed in: the node passes a wrapper around an LMDB write transaction
+(one per entry, aborted whole if `apply_entry` raises), tests pass `MemoryStore`.
+
+Key schema. Integers in keys are big-endian u64 (`<u64>`), so byte order is numeric order;
+`<inc>` is a queue's or topic's incarnation id, fresh for every create, so a re-created name never
+sees the records of a deleted one. Metadata values are JSON with sorted keys; message and cursor
+values are struct-packed, bodies stored raw.
+
+    m:clock                      <u64> largest now_ms applied so far
+    m:users                      <u64> users created; user ids are "u1", "u2", ...
+    m:topics, m:queues           <u64> live topics / queues, checked against TOPICS_MAX / QUEUES_MAX
+    m:incarnation                <u64> last incarnation id handed out
+    u:<key_hash>                 json {"admin", "id"}
+    t:<name>                     json _TopicMeta: incarnation, owner, retention, first/next offset,
+                                 stored body bytes
+    q:<name>                     json _QueueMeta: incarnation, owner, settings, next sequence, depth
+    T<inc><offset u64>           topic message: >QH publish_time_ms, len(producer_id);
+                                 producer_id; body
+    S<inc><user_id>              topic subscription: >QQQQQ acked, delivered, lease_deadline_ms,
+                                 high (largest offset ever delivered + 1), redeliveries
+    Q<inc><sequence u64>         queue message: >QQQ?H publish_time_ms, visible_at_ms,
+                                 delivery_count, leased, len(producer_id); producer_id; body
+    V<inc><visible_at u64><seq>  visibility index; value b"L" while leased, b"" when ready/delayed
+    C<inc><user_id>              queue consumer record (Subscribe kind=QUEUE), empty value
+    D<inc><len u8><producer_id><producer_sequence u64>
+                                 dedup record: >QQ assigned sequence/offset, expires_at_ms
+    E<expires_at u64><D key without its "D">
+                                 dedup expiry index, purged in time order
+    X<inc>                       incarnation deleted, its T/S/Q/V/C records still being purged
+
+Bounded work: no command loads a whole queue or topic. Per command, at most
+`DEDUP_PURGE_PER_COMMAND` dedup records, `DELETED_PURGE_PER_COMMAND` records of deleted
+incarnations and `RETENTION_PURGE_PER_COMMAND` expired topic or queue messages are removed;
+counters live in the metadata records.
+
+Refusals: each handler validates fully (raising a `ChasquiError`) before its first write;
+`apply_entry` turns the raise into the command's result, so a refused command writes nothing.
+Housekeeping (dedup expiry, purging deleted incarnations) runs before each command and writes
+only when there is something to purge.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import json
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from chasqui_node import limits
+from chasqui_node.commands import (
+    Ack,
+    Command,
+    Consume,
+    Created,
+    CreateQueue,
+    CreateTopic,
+    CreateUser,
+    Deleted,
+    DeleteQueue,
+    DeleteTopic,
+    Deliveries,
+    Delivery,
+    Done,
+    Entry,
+    Extend,
+    Kind,
+    Nack,
+    Overflow,
+    Publish,
+    QueueInfo,
+    Receipt,
+    Result,
+    StartPosition,
+    Subscribe,
+    Subscribed,
+    TopicInfo,
+    Unsubscribe,
+    Unsubscribed,
+    UserCreated,
+    UserInfo,
+)
+from chasqui_node.errors import (
+    AlreadyExists,
+    ChasquiError,
+    FailedPrecondition,
+    InvalidArgument,
+    InvalidName,
+    LimitExceeded,
+    NotFound,
+    PermissionDenied,
+    QueueFull,
+    ResourceExhausted,
+    Unauthenticated,
+)
+
+# Integers that reach keys, struct fields or clock arithmetic stay below this.
+INT_MAX = 2**63 - 1
+_SCAN_PAGE = 1000
+
+
+class Store(Protocol):
+    """The key-value state the machine reads and writes; one transaction per entry."""
+
+    def get(self, key: bytes) -> bytes | None: ...
+
+    def put(self, key: bytes, value: bytes) -> None: ...
+
+    def delete(self, key: bytes) -> bool:
+        """Remove `key`; True if it existed."""
+        ...
+
+    def scan(
+        self, prefix: bytes, start: bytes = b"", limit: int = 1000
+    ) -> list[tuple[bytes, bytes]]:
+        """Pairs whose key starts with `prefix`, ascending byte order, beginning at
+        max(prefix, start); at most `limit`."""
+        ...
+
+
+class MemoryStore:
+    """A `Store` in a dict plus a sorted key list; for tests and property checks."""
+
+    def __init__(self) -> None:
+        self._data: dict[bytes, bytes] = {}
+        self._keys: list[bytes] = []
+
+    def get(self, key: bytes) -> bytes | None:
+        return self._data.get(key)
+
+    def put(self, key: bytes, value: bytes) -> None:
+        if key not in self._data:
+            bisect.insort(self._keys, key)
+        self._data[key] = bytes(value)
+
+    def delete(self, key: bytes) -> bool:
+        if key not in self._data:
+            return False
+        del self._data[key]
+        del self._keys[bisect.bisect_left(self._keys, key)]
+        return True
+
+    def scan(
+        self, prefix: bytes, start: bytes = b"", limit: int = 1000
+    ) -> list[tuple[bytes, bytes]]:
+        index = bisect.bisect_left(self._keys, max(prefix, start))
+        pairs: list[tuple[bytes, bytes]] = []
+        while index < len(self._keys) and len(pairs) < limit:
+            key = self._keys[index]
+            if not key.startswith(prefix):
+                break
+            pairs.append((key, self._data[key]))
+            index += 1
+        return pairs
+
+    def items(self) -> list[tuple[bytes, bytes]]:
+        """Every pair in key order, for comparing replicas."""
+        return [(key, self._data[key]) for key in self._keys]
+
+    def copy(self) -> MemoryStore:
+        """An independent snapshot (keys and values are immutable bytes)."""
+        clone = MemoryStore()
+        clone._data = dict(self._data)
+        clone._keys = list(self._keys)
+        return clone
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding of keys and values.
+
+_U64 = struct.Struct(">Q")
+_TOPIC_MESSAGE = struct.Struct(">QH")
+_QUEUE_MESSAGE = struct.Struct(">QQQ?H")
+_CURSOR = struct.Struct(">QQQQQ")
+_DEDUP = struct.Struct(">QQ")
+
+_K_CLOCK = b"m:clock"
+_K_USERS = b"m:users"
+_K_TOPICS = b"m:topics"
+_K_QUEUES = b"m:queues"
+_K_INCARNATION = b"m:incarnation"
+_P_USER = b"u:"
+_P_TOPIC_META = b"t:"
+_P_QUEUE_META = b"q:"
+_P_TOPIC_MESSAGE = b"T"
+_P_SUBSCRIPTION = b"S"
+_P_QUEUE_MESSAGE = b"Q"
+_P_VISIBILITY = b"V"
+_P_CONSUMER = b"C"
+_P_DEDUP = b"D"
+_P_DEDUP_EXPIRY = b"E"
+_P_DELETED = b"X"
+_INCARNATION_PREFIXES = (
+    _P_TOPIC_MESSAGE,
+    _P_SUBSCRIPTION,
+    _P_QUEUE_MESSAGE,
+    _P_VISIBILITY,
+    _P_CONSUMER,
+)
+_LEASED = b"L"
+
+
+def _u64(value: int) -> bytes:
+    return _U64.pack(value)
+
+
+def _read_u64(data: bytes, at: int = 0) -> int:
+    value: int = _U64.unpack_from(data, at)[0]
+    return value
+
+
+def _get_counter(store: Store, key: bytes) -> int:
+    value = store.get(key)
+    return 0 if value is None else _read_u64(value)
+
+
+@dataclass
+class _TopicMeta:
+    incarnation: int
+    owner: str
+    retention_ms: int
+    retention_bytes: int
+    first_offset: int
+    next_offset: int
+    stored_bytes: int
+
+
+@dataclass
+class _QueueMeta:
+    incarnation: int
+    owner: str
+    visibility_timeout_ms: int
+    max_deliveries: int
+    dead_letter_queue: str
+    max_length: int  # 0: limits.QUEUE_DEPTH_MAX, read when publishing
+    overflow: str
+    message_ttl_ms: int
+    next_sequence: int
+    depth: int
+
+
+_Meta = TypeVar("_Meta", _TopicMeta, _QueueMeta)
+
+
+def _encode_json(record: _TopicMeta | _QueueMeta | dict[str, Any]) -> bytes:
+    fields = record if isinstance(record, dict) else dataclasses.asdict(record)
+    return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _decode_meta(cls: type[_Meta], value: bytes) -> _Meta:
+    return cls(**json.loads(value))
+
+
+@dataclass
+class _QueueMessage:
+    publish_time_ms: int
+    visible_at_ms: int
+    delivery_count: int
+    leased: bool
+    producer_id: str
+    body: bytes
+
+    def encode(self) -> bytes:
+        producer = self.producer_id.encode()
+        header = _QUEUE_MESSAGE.pack(
+            self.publish_time_ms,
+            self.visible_at_ms,
+            self.delivery_count,
+            self.leased,
+            len(producer),
+        )
+        return header + producer + self.body
+
+    @staticmethod
+    def decode(value: bytes) -> _QueueMessage:
+        publish_time, visible_at, count, leased, producer_len = _QUEUE_MESSAGE.unpack_from(value)
+        start = _QUEUE_MESSAGE.size
+        producer = value[start : start + producer_len].decode()
+        body = value[start + producer_len :]
+        return _QueueMessage(publish_time, visible_at, count, leased, producer, body)
+
+
+@dataclass
+class _Cursor:
+    """A topic subscription: `acked` is the next offset not yet acked, `delivered` the next not
+    yet handed out; [acked, delivered) is leased until `lease_deadline_ms`. `redeliveries` counts
+    window resets since everything below `high` was acked, which gives delivery counts."""
+
+    acked: int
+    delivered: int
+    lease_deadline_ms: int
+    high: int
+    redeliveries: int
+
+    def encode(self) -> bytes:
+        return _CURSOR.pack(
+            self.acked, self.delivered, self.lease_deadline_ms, self.high, self.redeliveries
+        )
+
+    @staticmethod
+    def decode(value: bytes) -> _Cursor:
+        return _Cursor(*_CURSOR.unpack(value))
+
+
+def _topic_message_key(incarnation: int, offset: int) -> bytes:
+    return _P_TOPIC_MESSAGE + _u64(incarnation) + _u64(offset)
+
+
+def _subscription_key(incarnation: int, user_id: str) -> bytes:
+    return _P_SUBSCRIPTION + _u64(incarnation) + user_id.encode()
+
+
+def _queue_message_key(incarnation: int, sequence: int) -> bytes:
+    return _P_QUEUE_MESSAGE + _u64(incarnation) + _u64(sequence)
+
+
+def _visibility_key(incarnation: int, visible_at_ms: int, sequence: int) -> bytes:
+    return _P_VISIBILITY + _u64(incarnation) + _u64(visible_at_ms) + _u64(sequence)
+
+
+def _consumer_key(incarnation: int, user_id: str) -> bytes:
+    return _P_CONSUMER + _u64(incarnation) + user_id.encode()
+
+
+def _dedup_key(incarnation: int, producer_id: str, producer_sequence: int) -> bytes:
+    producer = producer_id.encode()
+    return (
+        _P_DEDUP + _u64(incarnation) + bytes([len(producer)]) + producer + _u64(producer_sequence)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Stateless checks the edges already made; the state machine asserts them once more.
+
+
+def _check_name(kind: Kind, name: str) -> None:
+    encoded = name.encode("utf-8", errors="surrogatepass")
+    if not 1 <= len(encoded) <= limits.NAME_BYTES_MAX:
+        raise InvalidName(
+            kind.value,
+            name,
+            f"must be 1 to name_bytes_max {limits.NAME_BYTES_MAX} bytes, got {len(encoded)}",
+        )
+    for char in name:
+        if char not in limits.NAME_ALPHABET:
+            raise InvalidName(kind.value, name, f"character {char!r} is not one of [A-Za-z0-9._-]")
+
+
+def _check_int(what: str, value: int, low: int, high: int, limit_name: str) -> None:
+    if value < low:
+        raise InvalidArgument(f"{what} must be at least {low}, got {value}")
+    if value > high:
+        raise LimitExceeded(what, value, limit_name, high)
+
+
+def _check_sequence(what: str, value: int) -> None:
+    if not 0 <= value <= INT_MAX:
+        raise InvalidArgument(f"{what} must be between 0 and {INT_MAX}, got {value}")
+
+
+def _authorize(user: UserInfo, action: str, kind: Kind, name: str, owner: str) -> None:
+    """Access lists go here (a later issue): raise PermissionDenied when `user` may not do
+    `action` ("publish", "consume", "subscribe") on the named topic or queue. For now every
+    authenticated user may do all three."""
+    del user, action, kind, name, owner
+
+
+def _lookup_user(store: Store, key_hash: str) -> UserInfo | None:
+    value = store.get(_P_USER + key_hash.encode("utf-8", errors="surrogatepass"))
+    if value is None:
+        return None
+    record = json.loads(value)
+    return UserInfo(user_id=record["id"], admin=record["admin"])
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class StateMachine:
+    """Applies entries and answers read-only queries. Holds no state of its own: everything is in
+    the `Store`, so one instance may serve any number of stores.
+
+    `apply_entry` runs on the replication thread inside one write transaction. It never raises
+    for anything a client can send; an unexpected exception is a bug and the caller must abort
+    the entry's transaction. The queries run on a read transaction and raise `ChasquiError`."""
+
+    def apply_entry(self, store: Store, entry: Entry) -> list[Result]:
+        stored_clock = _get_counter(store, _K_CLOCK)
+        clock = max(stored_clock, min(max(entry.now_ms, 0), INT_MAX // 2))
+        if clock != stored_clock:
+            store.put(_K_CLOCK, _u64(clock))
+        applier = _Applier(store, clock)
+        results: list[Result] = []
+        for command in entry.commands:
+            applier.housekeep()
+            try:
+                results.append(applier.apply(command))
+            except ChasquiError as error:
+                results.append(error)
+        return results
+
+    def authenticate(self, store: Store, key_hash: str) -> UserInfo:
+        """Raises Unauthenticated when no user has this key hash."""
+        user = _lookup_user(store, key_hash)
+        if user is None:
+            raise Unauthenticated("unknown key")
+        return user
+
+    def list_topics(self, store: Store, key_hash: str, owned_only: bool) -> list[TopicInfo]:
+        """Every topic sorted by name (only the caller's with `owned_only`)."""
+        user = self.authenticate(store, key_hash)
+        topics: list[TopicInfo] = []
+        for name, value in _scan_all(store, _P_TOPIC_META):
+            meta = _decode_meta(_TopicMeta, value)
+            if owned_only and meta.owner != user.user_id:
+                continue
+            subscribed = store.get(_subscription_key(meta.incarnation, user.user_id)) is not None
+            topics.append(
+                TopicInfo(name, meta.owner, subscribed, meta.first_offset, meta.next_offset)
+            )
+        return topics
+
+    def list_queues(self, store: Store, key_hash: str, owned_only: bool) -> list[QueueInfo]:
+        """Every queue sorted by name (only the caller's with `owned_only`). `in_flight` counts
+        leases still running at the last applied clock, up to limits.IN_FLIGHT_COUNT_MAX."""
+        user = self.authenticate(store, key_hash)
+        clock = _get_counter(store, _K_CLOCK)
+        queues: list[QueueInfo] = []
+        for name, value in _scan_all(store, _P_QUEUE_META):
+            meta = _decode_meta(_QueueMeta, value)
+            if owned_only and meta.owner != user.user_id:
+                continue
+            subscribed = store.get(_consumer_key(meta.incarnation, user.user_id)) is not None
+            prefix = _P_VISIBILITY + _u64(meta.incarnation)
+            later = store.scan(prefix, prefix + _u64(clock + 1), limit=limits.IN_FLIGHT_COUNT_MAX)
+            in_flight = sum(1 for _, mark in later if mark == _LEASED)
+            queues.append(QueueInfo(name, meta.owner, subscribed, meta.depth, in_flight))
+        return queues
+
+
+def _scan_all(store: Store, prefix: bytes) -> list[tuple[str, bytes]]:
+    """All (name, value) under a metadata prefix, paging so no single scan is unbounded; the
+    number of names is itself bounded by TOPICS_MAX / QUEUES_MAX."""
+    found: list[tuple[str, bytes]] = []
+    start = prefix
+    while True:
+        page = store.scan(prefix, start, limit=_SCAN_PAGE)
+        found.extend((key[len(prefix) :].decode(), value) for key, value in page)
+        if len(page) < _SCAN_PAGE:
+            return found
+        start = page[-1][0] + b"\x00"
+
+
+class _Applier:
+    """Applies the commands of one entry at one clock."""
+
+    def __init__(self, store: Store, clock: int) -> None:
+        self.store = store
+        self.clock = clock
+        self.handlers: dict[type[Any], Callable[[UserInfo, Any], Result]] = {
+            CreateTopic: self.create_topic,
+            DeleteTopic: self.delete_topic,
+            CreateQueue: self.create_queue,
+            DeleteQueue: self.delete_queue,
+            Subscribe: self.subscribe,
+            Unsubscribe: self.unsubscribe,
+            Publish: self.publish,
+            Consume: self.consume,
+            Ack: self.ack,
+            Nack: self.nack,
+            Extend: self.extend,
+        }
+
+    # -- dispatch and housekeeping ------------------------------------------------------------
+
+    def apply(self, command: Command) -> Result:
+        if isinstance(command, CreateUser):
+            return self.create_user(command)
+        user = _lookup_user(self.store, command.key_hash)
+        if user is None:
+            raise Unauthenticated("unknown key")
+        return self.handlers[type(command)](user, command)
+
+    def housekeep(self) -> None:
+        self.purge_dedup()
+        self.purge_deleted()
+
+    def purge_dedup(self) -> None:
+        rows = self.store.scan(_P_DEDUP_EXPIRY, limit=limits.DEDUP_PURGE_PER_COMMAND)
+        for key, _ in rows:
+            if _read_u64(key, 1) > self.clock:
+                return
+            self.store.delete(key)
+            self.store.delete(_P_DEDUP + key[9:])
+
+    def purge_deleted(self) -> None:
+        pending = self.store.scan(_P_DELETED, limit=1)
+        if not pending:
+            return
+        marker = pending[0][0]
+        incarnation = marker[1:]
+        budget = limits.DELETED_PURGE_PER_COMMAND
+        for prefix in _INCARNATION_PREFIXES:
+            rows = self.store.scan(prefix + incarnation, limit=budget)
+            for key, _ in rows:
+                self.store.delete(key)
+            budget -= len(rows)
+            if budget == 0:
+                return  # maybe more left: the next command continues
+        self.store.delete(marker)
+
+    # -- counters and lookups -----------------------------------------------------------------
+
+    def bump(self, key: bytes, delta: int) -> int:
+        value = _get_counter(self.store, key) + delta
+        self.store.put(key, _u64(value))
+        return value
+
+    def topic_meta(self, name: str) -> _TopicMeta | None:
+        value = self.store.get(_P_TOPIC_META + name.encode())
+        return None if value is None else _decode_meta(_TopicMeta, value)
+
+    def queue_meta(self, name: str) -> _QueueMeta | None:
+        value = self.store.get(_P_QUEUE_META + name.encode())
+        return None if value is None else _decode_meta(_QueueMeta, value)
+
+    def existing_topic(self, name: str) -> _TopicMeta:
+        _check_name(Kind.TOPIC, name)
+        meta = self.topic_meta(name)
+        if meta is None:
+            raise NotFound(f'topic "{name}" does not exist')
+        return meta
+
+    def existing_queue(self, name: str) -> _QueueMeta:
+        _check_name(Kind.QUEUE, name)
+        meta = self.queue_meta(name)
+        if meta is None:
+            raise NotFound(f'queue "{name}" does not exist')
+        return meta
+
+    def put_topic_meta(self, name: str, meta: _TopicMeta) -> None:
+        self.store.put(_P_TOPIC_META + name.encode(), _encode_json(meta))
+
+    def put_queue_meta(self, name: str, meta: _QueueMeta) -> None:
+        self.store.put(_P_QUEUE_META + name.encode(), _encode_json(meta))
+
+    # -- users --------------------------------------------------------------------------------
+
+    def create_user(self, command: CreateUser) -> Result:
+        if not 1 <= len(command.key_hash) <= limits.KEY_HASH_CHARS_MAX:
+            raise InvalidArgument(
+                f"key hash must be 1 to key_hash_chars_max {limits.KEY_HASH_CHARS_MAX} "
+                f"characters, got {len(command.key_hash)}"
+            )
+        existing = _lookup_user(self.store, command.key_hash)
+        if existing is not None:
+            raise AlreadyExists("user", existing.user_id)
+        count = _get_counter(self.store, _K_USERS)
+        if count >= limits.USERS_MAX:
+            raise ResourceExhausted(f"user count is at users_max {limits.USERS_MAX}")
+        user_id = f"u{count + 1}"
+        self.store.put(_K_USERS, _u64(count + 1))
+        key = _P_USER + command.key_hash.encode("utf-8", errors="surrogatepass")
+        self.store.put(key, _encode_json({"admin": command.admin, "id": user_id}))
+        return UserCreated(user_id)
+
+    # -- topics and queues: create and delete -------------------------------------------------
+
+    def create_topic(self, user: UserInfo, command: CreateTopic) -> Result:
+        _check_name(Kind.TOPIC, command.name)
+        _check_int("retention_ms", command.retention_ms, 0, INT_MAX // 2, "retention_ms_max")
+        _check_int("retention_bytes", command.retention_bytes, 0, INT_MAX, "retention_bytes_max")
+        existing = self.topic_meta(command.name)
+        if existing is not None:
+            if command.exist_ok and existing.owner == user.user_id:
+                return Created(Kind.TOPIC, command.name, created=False)
+            raise AlreadyExists("topic", command.name)
+        count = _get_counter(self.store, _K_TOPICS)
+        if count >= limits.TOPICS_MAX:
+            raise ResourceExhausted(f"topic count is at topics_max {limits.TOPICS_MAX}")
+        meta = _TopicMeta(
+            incarnation=self.bump(_K_INCARNATION, 1),
+            owner=user.user_id,
+            retention_ms=command.retention_ms or limits.TOPIC_RETENTION_MS_DEFAULT,
+            retention_bytes=command.retention_bytes or limits.TOPIC_RETENTION_BYTES_DEFAULT,
+            first_offset=0,
+            next_offset=0,
+            stored_bytes=0,
+        )
+        self.store.put(_K_TOPICS, _u64(count + 1))
+        self.put_topic_meta(command.name, meta)
+        return Created(Kind.TOPIC, command.name, created=True)
+
+    def create_queue(self, user: UserInfo, command: CreateQueue) -> Result:
+        _check_name(Kind.QUEUE, command.name)
+        _check_int(
+            "visibility_timeout_ms",
+            command.visibility_timeout_ms,
+            0,
+            limits.VISIBILITY_TIMEOUT_MS_MAX,
+            "visibility_timeout_ms_max",
+        )
+        _check_int(
+            "max_deliveries",
+            command.max_deliveries,
+            0,
+            limits.MAX_DELIVERIES_MAX,
+            "max_deliveries_max",
+        )
+        _check_int("max_length", command.max_length, 0, limits.QUEUE_DEPTH_MAX, "queue_depth_max")
+        _check_int(
+            "message_ttl_ms",
+            command.message_ttl_ms,
+            0,
+            limits.MESSAGE_TTL_MS_MAX,
+            "message_ttl_ms_max",
+        )
+        if command.dead_letter_queue:
+            _check_name(Kind.QUEUE, command.dead_letter_queue)
+        existing = self.queue_meta(command.name)
+        if existing is not None:
+            if command.exist_ok and existing.owner == user.user_id:
+                return Created(Kind.QUEUE, command.name, created=False)
+            raise AlreadyExists("queue", command.name)
+        if command.dead_letter_queue and self.queue_meta(command.dead_letter_queue) is None:
+            raise NotFound(
+                f'dead-letter queue "{command.dead_letter_queue}" does not exist; '
+                "create it before the queue that uses it"
+            )
+        count = _get_counter(self.store, _K_QUEUES)
+        if count >= limits.QUEUES_MAX:
+            raise ResourceExhausted(f"queue count is at queues_max {limits.QUEUES_MAX}")
+        meta = _QueueMeta(
+            incarnation=self.bump(_K_INCARNATION, 1),
+            owner=user.user_id,
+            visibility_timeout_ms=command.visibility_timeout_ms
+            or limits.VISIBILITY_TIMEOUT_MS_DEFAULT,
+            max_deliveries=command.max_deliveries,
+            dead_letter_queue=command.dead_letter_queue,
+            max_length=command.max_length,
+            overflow=command.overflow.value,
+            message_ttl_ms=command.message_ttl_ms,
+            next_sequence=0,
+            depth=0,
+        )
+        self.store.put(_K_QUEUES, _u64(count + 1))
+        self.put_queue_meta(command.name, meta)
+        return Created(Kind.QUEUE, command.name, created=True)
+
+    def check_may_delete(self, user: UserInfo, kind: Kind, name: str, owner: str) -> None:
+        if not (user.admin or owner == user.user_id):
+            raise PermissionDenied(
+                f'{kind.value} "{name}" belongs to {owner}; only its owner or an admin may '
+                "delete it"
+            )
+
+    def delete_topic(self, user: UserInfo, command: DeleteTopic) -> Result:
+        meta = self.existing_topic(command.name)
+        self.check_may_delete(user, Kind.TOPIC, command.name, meta.owner)
+        self.store.delete(_P_TOPIC_META + command.name.encode())
+        self.bump(_K_TOPICS, -1)
+        self.store.put(_P_DELETED + _u64(meta.incarnation), Kind.TOPIC.value.encode())
+        return Deleted(Kind.TOPIC, command.name)
+
+    def delete_queue(self, user: UserInfo, command: DeleteQueue) -> Result:
+        meta = self.existing_queue(command.name)
+        self.check_may_delete(user, Kind.QUEUE, command.name, meta.owner)
+        self.store.delete(_P_QUEUE_META + command.name.encode())
+        self.bump(_K_QUEUES, -1)
+        self.store.put(_P_DELETED + _u64(meta.incarnation), Kind.QUEUE.value.encode())
+        return Deleted(Kind.QUEUE, command.name)
+
+    # -- subscriptions ------------------------------------------------------------------------
+
+    def subscribe(self, user: UserInfo, command: Subscribe) -> Result:
+        if command.kind is Kind.QUEUE:
+            queue = self.existing_queue(command.name)
+            _authorize(user, "subscribe", Kind.QUEUE, command.name, queue.owner)
+            self.store.put(_consumer_key(queue.incarnation, user.user_id), b"")
+            return Subscribed(Kind.QUEUE, command.name, 0)
+        topic = self.existing_topic(command.name)
+        _authorize(user, "subscribe", Kind.TOPIC, command.name, topic.owner)
+        key = _subscription_key(topic.incarnation, user.user_id)
+        value = self.store.get(key)
+        if value is not None:
+            return Subscribed(Kind.TOPIC, command.name, _Cursor.decode(value).acked)
+        if self.purge_topic(topic):
+            self.put_topic_meta(command.name, topic)
+        if command.start is StartPosition.EARLIEST:
+            offset = topic.first_offset
+        elif command.start is StartPosition.OFFSET:
+            offset = min(max(command.offset, topic.first_offset), topic.next_offset)
+        else:
+            offset = topic.next_offset
+        self.store.put(key, _Cursor(offset, offset, 0, offset, 0).encode())
+        return Subscribed(Kind.TOPIC, command.name, offset)
+
+    def unsubscribe(self, user: UserInfo, command: Unsubscribe) -> Result:
+        if command.kind is Kind.QUEUE:
+            key = _consumer_key(self.existing_queue(command.name).incarnation, user.user_id)
+        else:
+            key = _subscription_key(self.existing_topic(command.name).incarnation, user.user_id)
+        if not self.store.delete(key):
+            raise NotFound(
+                f'user {user.user_id} is not subscribed to {command.kind.value} "{command.name}"'
+            )
+        return Unsubscribed(command.kind, command.name)
+
+    # -- publish ------------------------------------------------------------------------------
+
+    def publish(self, user: UserInfo, command: Publish) -> Result:
+        _check_int("message", len(command.body), 0, limits.MESSAGE_BYTES_MAX, "message_bytes_max")
+        try:
+            producer = command.producer_id.encode()
+        except UnicodeEncodeError as error:
+            raise InvalidArgument(f"producer_id is not valid UTF-8 text: {error.reason}") from None
+        _check_int(
+            "producer_id",
+            len(producer),
+            0,
+            limits.PRODUCER_ID_BYTES_MAX,
+            "producer_id_bytes_max",
+        )
+        _check_sequence("sequence", command.sequence)
+        _check_int("delay_ms", command.delay_ms, 0, limits.DELAY_MS_MAX, "delay_ms_max")
+        if command.kind is Kind.TOPIC:
+            if command.delay_ms:
+                raise InvalidArgument(
+                    "delay_ms applies to queues only; topic messages are visible at once"
+                )
+            return self.publish_topic(user, command)
+        return self.publish_queue(user, command)
+
+    def find_duplicate(self, incarnation: int, command: Publish) -> tuple[bytes, int | None]:
+        """The dedup key and, when this publish was already applied within the window, the
+        sequence or offset it was given."""
+        if not command.producer_id:
+            return b"", None
+        key = _dedup_key(incarnation, command.producer_id, command.sequence)
+        value = self.store.get(key)
+        if value is None:
+            return key, None
+        sequence, expires_at_ms = _DEDUP.unpack(value)
+        if expires_at_ms <= self.clock:
+            return key, None  # expired but not purged yet: publish anew
+        assigned: int = sequence
+        return key, assigned
+
+    def remember_publish(self, dedup_key: bytes, sequence: int) -> None:
+        if not dedup_key:
+            return
+        old = self.store.get(dedup_key)
+        if old is not None:
+            self.store.delete(_P_DEDUP_EXPIRY + _u64(_DEDUP.unpack(old)[1]) + dedup_key[1:])
+        expires_at_ms = self.clock + limits.DEDUP_WINDOW_MS
+        self.store.put(dedup_key, _DEDUP.pack(sequence, expires_at_ms))
+        self.store.put(_P_DEDUP_EXPIRY + _u64(expires_at_ms) + dedup_key[1:], b"")
+
+    def publish_topic(self, user: UserInfo, command: Publish) -> Result:
+        topic = self.existing_topic(command.name)
+        _authorize(user, "publish", Kind.TOPIC, command.name, topic.owner)
+        dedup_key, original = self.find_duplicate(topic.incarnation, command)
+        if original is not None:
+            return Receipt(Kind.TOPIC, command.name, original, duplicate=True)
+        offset = topic.next_offset
+        producer = command.producer_id.encode()
+        header = _TOPIC_MESSAGE.pack(self.clock, len(producer))
+        self.store.put(
+            _topic_message_key(topic.incarnation, offset), header + producer + command.body
+        )
+        topic.next_offset += 1
+        topic.stored_bytes += len(command.body)
+        self.purge_topic(topic)
+        self.put_topic_meta(command.name, topic)
+        self.remember_publish(dedup_key, offset)
+        return Receipt(Kind.TOPIC, command.name, offset, duplicate=False)
+
+    def publish_queue(self, user: UserInfo, command: Publish) -> Result:
+        queue = self.existing_queue(command.name)
+        _authorize(user, "publish", Kind.QUEUE, command.name, queue.owner)
+        dedup_key, original = self.find_duplicate(queue.incarnation, command)
+        if original is not None:
+            return Receipt(Kind.QUEUE, command.name, original, duplicate=True)
+        depth_max = min(queue.max_length or limits.QUEUE_DEPTH_MAX, limits.QUEUE_DEPTH_MAX)
+        if queue.depth >= depth_max and queue.overflow != Overflow.DROP_HEAD.value:
+            raise QueueFull(command.name, queue.depth, depth_max)
+        while queue.depth >= depth_max:
+            if not self.drop_head(queue):
+                break
+        sequence = self.enqueue(queue, command.producer_id, command.body, command.delay_ms)
+        self.put_queue_meta(command.name, queue)
+        self.remember_publish(dedup_key, sequence)
+        return Receipt(Kind.QUEUE, command.name, sequence, duplicate=False)
+
+    # -- queue internals ----------------------------------------------------------------------
+
+    def enqueue(self, queue: _QueueMeta, producer_id: str, body: bytes, delay_ms: int) -> int:
+        sequence = queue.next_sequence
+        visible_at_ms = self.clock + delay_ms
+        message = _QueueMessage(self.clock, visible_at_ms, 0, False, producer_id, body)
+        self.store.put(_queue_message_key(queue.incarnation, sequence), message.encode())
+        self.store.put(_visibility_key(queue.incarnation, visible_at_ms, sequence), b"")
+        queue.next_sequence += 1
+        queue.depth += 1
+        return sequence
+
+    def remove_message(self, queue: _QueueMeta, sequence: int, message: _QueueMessage) -> None:
+        self.store.delete(_queue_message_key(queue.incarnation, sequence))
+        self.store.delete(_visibility_key(queue.incarnation, message.visible_at_ms, sequence))
+        queue.depth -= 1
+
+    def drop_head(self, queue: _QueueMeta) -> bool:
+        """Delete the oldest stored message (overflow DROP_HEAD); False if the queue is empty."""
+        head = self.store.scan(_P_QUEUE_MESSAGE + _u64(queue.incarnation), limit=1)
+        if not head:
+            return False
+        key, value = head[0]
+        self.remove_message(queue, _read_u64(key, 9), _QueueMessage.decode(value))
+        return True
+
+    def dead_letter(self, queue_name: str, queue: _QueueMeta, message: _QueueMessage) -> None:
+        """Move a removed message to the queue's dead-letter queue, if it still has one that
+        can take it; otherwise the message is dropped."""
+        target_name = queue.dead_letter_queue
+        if not target_name or target_name == queue_name:
+            return
+        target = self.queue_meta(target_name)
+        if target is None:
+            return
+        depth_max = min(target.max_length or limits.QUEUE_DEPTH_MAX, limits.QUEUE_DEPTH_MAX)
+        if target.depth >= depth_max:
+            if target.overflow != Overflow.DROP_HEAD.value:
+                return  # a full dead-letter queue cannot refuse a consume: drop
+            self.drop_head(target)
+        self.enqueue(target, message.producer_id, message.body, 0)
+        self.put_queue_meta(target_name, target)
+
+    def move_visibility(
+        self, queue: _QueueMeta, sequence: int, message: _QueueMessage, visible_at_ms: int
+    ) -> None:
+        self.store.delete(_visibility_key(queue.incarnation, message.visible_at_ms, sequence))
+        message.visible_at_ms = visible_at_ms
+        mark = _LEASED if message.leased else b""
+        self.store.put(_visibility_key(queue.incarnation, visible_at_ms, sequence), mark)
+        self.store.put(_queue_message_key(queue.incarnation, sequence), message.encode())
+
+    # -- consume ------------------------------------------------------------------------------
+
+    def consume(self, user: UserInfo, command: Consume) -> Result:
+        _check_int(
+            "max_messages",
+            command.max_messages,
+            1,
+            limits.CONSUME_MESSAGES_MAX,
+            "consume_messages_max",
+        )
+        _check_int(
+            "visibility_timeout_ms",
+            command.visibility_timeout_ms,
+            0,
+            limits.VISIBILITY_TIMEOUT_MS_MAX,
+            "visibility_timeout_ms_max",
+        )
+        if command.kind is Kind.TOPIC:
+            return self.consume_topic(user, command)
+        return self.consume_queue(user, command)
+
+    def consume_queue(self, user: UserInfo, command: Consume) -> Result:
+        queue = self.existing_queue(command.name)
+        _authorize(user, "consume", Kind.QUEUE, command.name, queue.owner)
+        visibility_ms = command.visibility_timeout_ms or queue.visibility_timeout_ms
+        prefix = _P_VISIBILITY + _u64(queue.incarnation)
+        candidates = self.store.scan(
+            prefix, limit=command.max_messages + limits.RETENTION_PURGE_PER_COMMAND
+        )
+        deliveries: list[Delivery] = []
+        depth_before = queue.depth
+        for key, _ in candidates:
+            visible_at_ms, sequence = _read_u64(key, 9), _read_u64(key, 17)
+            if visible_at_ms > self.clock or len(deliveries) >= command.max_messages:
+                break
+            value = self.store.get(_queue_message_key(queue.incarnation, sequence))
+            assert value is not None, "visibility index points at a missing message"
+            message = _QueueMessage.decode(value)
+            expired = (
+                queue.message_ttl_ms > 0
+                and message.publish_time_ms + queue.message_ttl_ms <= self.clock
+            )
+            exhausted = 0 < queue.max_deliveries <= message.delivery_count
+            if expired or exhausted:
+                self.remove_message(queue, sequence, message)
+                self.dead_letter(command.name, queue, message)
+                continue
+            message.delivery_count += 1
+            message.leased = True
+            self.move_visibility(queue, sequence, message, self.clock + visibility_ms)
+            deliveries.append(
+                Delivery(
+                    Kind.QUEUE,
+                    command.name,
+                    sequence,
+                    message.body,
+                    message.delivery_count,
+                    message.publish_time_ms,
+                    message.producer_id,
+                    message.visible_at_ms,
+                )
+            )
+        if queue.depth != depth_before:
+            self.put_queue_meta(command.name, queue)
+        next_ready_ms = 0
+        if not deliveries:
+            first = self.store.scan(prefix, limit=1)
+            if first:
+                next_ready_ms = _read_u64(first[0][0], 9)
+        return Deliveries(tuple(deliveries), next_ready_ms)
+
+    def consume_topic(self, user: UserInfo, command: Consume) -> Result:
+        topic = self.existing_topic(command.name)
+        _authorize(user, "consume", Kind.TOPIC, command.name, topic.owner)
+        key = _subscription_key(topic.incarnation, user.user_id)
+        cursor = self.cursor(key, command.name, user)
+        if self.purge_topic(topic):
+            self.put_topic_meta(command.name, topic)
+        before = cursor.encode()
+        self.expire_window(cursor, topic)
+        visibility_ms = command.visibility_timeout_ms or limits.VISIBILITY_TIMEOUT_MS_DEFAULT
+        start = _topic_message_key(topic.incarnation, cursor.delivered)
+        rows = self.store.scan(start[:9], start, limit=command.max_messages)
+        deadline_ms = self.clock + visibility_ms
+        deliveries: list[Delivery] = []
+        for row_key, value in rows:
+            offset = _read_u64(row_key, 9)
+            publish_time_ms, producer_len = _TOPIC_MESSAGE.unpack_from(value)
+            header = _TOPIC_MESSAGE.size
+            count = cursor.redeliveries + 1 if offset < cursor.high else 1
+            deliveries.append(
+                Delivery(
+                    Kind.TOPIC,
+                    command.name,
+                    offset,
+                    value[header + producer_len :],
+                    count,
+                    publish_time_ms,
+                    value[header : header + producer_len].decode(),
+                    deadline_ms,
+                )
+            )
+        if deliveries:
+            cursor.delivered = deliveries[-1].sequence + 1
+            cursor.high = max(cursor.high, cursor.delivered)
+            cursor.lease_deadline_ms = deadline_ms
+        if cursor.encode() != before:
+            self.store.put(key, cursor.encode())
+        next_ready_ms = 0
+        if not deliveries and cursor.delivered > cursor.acked:
+            next_ready_ms = cursor.lease_deadline_ms
+        return Deliveries(tuple(deliveries), next_ready_ms)
+
+    # -- topic internals ----------------------------------------------------------------------
+
+    def cursor(self, key: bytes, topic_name: str, user: UserInfo) -> _Cursor:
+        value = self.store.get(key)
+        if value is None:
+            raise NotFound(
+                f'user {user.user_id} has no subscription to topic "{topic_name}"; subscribe first'
+            )
+        return _Cursor.decode(value)
+
+    def expire_window(self, cursor: _Cursor, topic: _TopicMeta) -> None:
+        """Skip what retention dropped, and reopen a window whose lease expired."""
+        cursor.acked = max(cursor.acked, topic.first_offset)
+        cursor.delivered = max(cursor.delivered, cursor.acked)
+        cursor.high = max(cursor.high, cursor.acked)
+        if cursor.delivered > cursor.acked and cursor.lease_deadline_ms <= self.clock:
+            cursor.delivered = cursor.acked
+            cursor.redeliveries += 1
+
+    def purge_topic(self, topic: _TopicMeta) -> bool:
+        """Drop messages past retention (age or bytes) from the head, bounded per command.
+        Mutates `topic`; the caller stores it. True if anything was dropped."""
+        if topic.first_offset >= topic.next_offset:
+            return False
+        start = _topic_message_key(topic.incarnation, topic.first_offset)
+        rows = self.store.scan(start[:9], start, limit=limits.RETENTION_PURGE_PER_COMMAND)
+        dropped = False
+        for key, value in rows:
+            publish_time_ms, producer_len = _TOPIC_MESSAGE.unpack_from(value)
+            too_old = publish_time_ms + topic.retention_ms <= self.clock
+            if not (too_old or topic.stored_bytes > topic.retention_bytes):
+                break
+            self.store.delete(key)
+            topic.stored_bytes -= len(value) - _TOPIC_MESSAGE.size - producer_len
+            topic.first_offset = _read_u64(key, 9) + 1
+            dropped = True
+        return dropped
+
+    # -- ack, nack, extend --------------------------------------------------------------------
+
+    def ack(self, user: UserInfo, command: Ack) -> Result:
+        if command.kind is Kind.TOPIC:
+            key, cursor = self.leased_window(user, command.name, command.sequence)
+            if command.sequence >= cursor.acked:
+                cursor.acked = command.sequence + 1
+                if cursor.acked >= cursor.high:
+                    cursor.redeliveries = 0
+                self.store.put(key, cursor.encode())
+            return Done()
+        queue, message = self.leased_message(command.name, command.sequence)
+        if message is None:
+            return Done()  # acked before (or dropped): acks are idempotent
+        self.check_lease(command.name, command.sequence, command.delivery_count, message)
+        self.remove_message(queue, command.sequence, message)
+        self.put_queue_meta(command.name, queue)
+        return Done()
+
+    def nack(self, user: UserInfo, command: Nack) -> Result:
+        _check_int("delay_ms", command.delay_ms, 0, limits.DELAY_MS_MAX, "delay_ms_max")
+        if command.kind is Kind.TOPIC:
+            key, cursor = self.leased_window(user, command.name, command.sequence)
+            if command.sequence < cursor.acked:
+                return Done()  # already acked: nothing to give back
+            self.check_window_lease(command.name, command.sequence, cursor, user)
+            if command.delay_ms:
+                cursor.lease_deadline_ms = self.clock + command.delay_ms
+            else:
+                cursor.delivered = cursor.acked
+                cursor.redeliveries += 1
+            self.store.put(key, cursor.encode())
+            return Done()
+        queue, message = self.leased_message(command.name, command.sequence)
+        if message is None:
+            return Done()  # acked or dropped meanwhile: nothing to give back
+        if not message.leased and message.delivery_count == command.delivery_count:
+            return Done()  # this delivery was already given back: a retried nack
+        self.check_lease(command.name, command.sequence, command.delivery_count, message)
+        message.leased = False
+        self.move_visibility(queue, command.sequence, message, self.clock + command.delay_ms)
+        return Done()
+
+    def extend(self, user: UserInfo, command: Extend) -> Result:
+        _check_int(
+            "extend_ms",
+            command.extend_ms,
+            1,
+            limits.VISIBILITY_TIMEOUT_MS_MAX,
+            "visibility_timeout_ms_max",
+        )
+        if command.kind is Kind.TOPIC:
+            key, cursor = self.leased_window(user, command.name, command.sequence)
+            if command.sequence < cursor.acked:
+                raise FailedPrecondition(
+                    f'offset {command.sequence} of topic "{command.name}" is already acked by '
+                    f"user {user.user_id}"
+                )
+            self.check_window_lease(command.name, command.sequence, cursor, user)
+            cursor.lease_deadline_ms = self.clock + command.extend_ms
+            self.store.put(key, cursor.encode())
+            return Done()
+        queue, message = self.leased_message(command.name, command.sequence)
+        if message is None:
+            raise FailedPrecondition(
+                f'message {command.sequence} on queue "{command.name}" is no longer stored: '
+                "it was acked, expired or dead-lettered"
+            )
+        self.check_lease(command.name, command.sequence, command.delivery_count, message)
+        self.move_visibility(queue, command.sequence, message, self.clock + command.extend_ms)
+        return Done()
+
+    def leased_message(
+        self, queue_name: str, sequence: int
+    ) -> tuple[_QueueMeta, _QueueMessage | None]:
+        """The queue and the stored message (None when it is gone: acked or dropped). Raises
+        NotFound for a sequence the queue never assigned."""
+        queue = self.existing_queue(queue_name)
+        if not 0 <= sequence < queue.next_sequence:
+            raise NotFound(f'message {sequence} was never published to queue "{queue_name}"')
+        value = self.store.get(_queue_message_key(queue.incarnation, sequence))
+        return queue, None if value is None else _QueueMessage.decode(value)
+
+    def check_lease(
+        self, queue_name: str, sequence: int, delivery_count: int, message: _QueueMessage
+    ) -> None:
+        what = f'delivery {delivery_count} of message {sequence} on queue "{queue_name}"'
+        if delivery_count > message.delivery_count or delivery_count < 1:
+            raise FailedPrecondition(
+                f"{what} never happened: the message has been delivered "
+                f"{message.delivery_count} times"
+            )
+        if delivery_count < message.delivery_count:
+            raise FailedPrecondition(
+                f"{what} is no longer leased: the message was delivered again "
+                f"(delivery {message.delivery_count})"
+            )
+        if not message.leased:
+            raise FailedPrecondition(
+                f"{what} is no longer leased: it was given back (nack) and will be delivered again"
+            )
+        if message.visible_at_ms <= self.clock:
+            raise FailedPrecondition(
+                f"{what} is no longer leased: its lease expired at {message.visible_at_ms} and "
+                "it will be delivered again"
+            )
+
+    def leased_window(self, user: UserInfo, topic_name: str, offset: int) -> tuple[bytes, _Cursor]:
+        """The subscription key and its cursor; raises FailedPrecondition for an
+        offset this subscription has not been handed."""
+        topic = self.existing_topic(topic_name)
+        key = _subscription_key(topic.incarnation, user.user_id)
+        cursor = self.cursor(key, topic_name, user)
+        if offset >= cursor.delivered or offset < 0:
+            raise FailedPrecondition(
+                f'offset {offset} of topic "{topic_name}" is not leased to user {user.user_id}: '
+                f"the next offset to deliver is {cursor.delivered}; consume it first"
+            )
+        return key, cursor
+
+    def check_window_lease(
+        self, topic_name: str, offset: int, cursor: _Cursor, user: UserInfo
+    ) -> None:
+        if cursor.lease_deadline_ms <= self.clock:
+            raise FailedPrecondition(
+                f'offset {offset} of topic "{topic_name}" is no longer leased to user '
+                f"{user.user_id}: its lease expired at {cursor.lease_deadline_ms} and it will be "
+                "delivered again"
+            )
