@@ -1,0 +1,284 @@
+"""`chasqui-node`: start a node, run a local dev cluster, show cluster status.
+
+Every `start` flag may also come from `--config FILE` (TOML, same names with underscores) or a
+`CHASQUI_<NAME>` environment variable; the command line wins, then the environment, then the
+file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import click
+import grpc
+
+from chasqui_node.server import ConfigError, NodeConfig, create_server, parse_cluster
+from chasqui_proto import chasqui_pb2 as pb
+from chasqui_proto import chasqui_pb2_grpc as pb_grpc
+
+logger = logging.getLogger("chasqui_node")
+
+DEV_CLIENT_PORT_BASE = 7101
+DEV_RAFT_PORT_BASE = 7201
+DEV_STOP_WAIT_S = 10.0  # SIGTERM, then SIGKILL after this long
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # pysyncobj logs every reconnect attempt at WARNING while peers start up.
+    logging.getLogger("pysyncobj").setLevel(logging.ERROR)
+
+
+def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if not value:
+        return
+    try:
+        with open(value, "rb") as source:
+            settings = tomllib.load(source)
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        raise click.BadParameter(f"cannot read config {value}: {error}") from error
+    ctx.default_map = {key.replace("-", "_"): item for key, item in settings.items()}
+
+
+def _derived_secret(cluster: str) -> str:
+    """A stand-in secret when none is configured: better than an open pickle port, but anyone
+    who knows the member list can derive it. The node warns; production sets a real one."""
+    members = ",".join(sorted(cluster.split(",")))
+    return hashlib.sha256(f"chasqui-dev-secret:{members}".encode()).hexdigest()
+
+
+@click.group()
+def main() -> None:
+    """Chasqui broker node."""
+
+
+@main.command()
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False),
+    callback=_load_config_file,
+    is_eager=True,
+    expose_value=False,
+    envvar="CHASQUI_CONFIG",
+    help="TOML file with any of these options (underscores for dashes).",
+)
+@click.option("--node-id", required=True, envvar="CHASQUI_NODE_ID", help="This node's id.")
+@click.option(
+    "--data-dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="CHASQUI_DATA_DIR",
+    help="Directory for the Raft journal, snapshots and LMDB state.",
+)
+@click.option(
+    "--cluster",
+    required=True,
+    envvar="CHASQUI_CLUSTER",
+    help="Members: ID=CLIENT_HOST:PORT/RAFT_HOST:PORT, comma separated.",
+)
+@click.option(
+    "--bind-host",
+    default=None,
+    envvar="CHASQUI_BIND_HOST",
+    help="Bind this host (e.g. 0.0.0.0) instead of the listed addresses.",
+)
+@click.option(
+    "--cluster-secret",
+    default=None,
+    envvar="CHASQUI_CLUSTER_SECRET",
+    help="Shared secret encrypting and authenticating Raft traffic (all nodes alike).",
+)
+@click.option(
+    "--cluster-secret-file",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    envvar="CHASQUI_CLUSTER_SECRET_FILE",
+    help="File holding the cluster secret (first line).",
+)
+@click.option(
+    "--fsync",
+    type=click.Choice(["always", "never"]),
+    default="always",
+    envvar="CHASQUI_FSYNC",
+    help="Sync state to disk before acknowledging; 'never' is unsafe.",
+)
+@click.option("--log-level", default="info", envvar="CHASQUI_LOG_LEVEL", show_default=True)
+def start(
+    node_id: str,
+    data_dir: Path,
+    cluster: str,
+    bind_host: str | None,
+    cluster_secret: str | None,
+    cluster_secret_file: str | None,
+    fsync: str,
+    log_level: str,
+) -> None:
+    """Start one node of a cluster and serve until SIGTERM or SIGINT."""
+    _configure_logging(log_level)
+    if cluster_secret_file:
+        cluster_secret = Path(cluster_secret_file).read_text().splitlines()[0].strip()
+    if not cluster_secret:
+        logger.warning(
+            "no --cluster-secret given: using one derived from the member list, which anyone "
+            "who knows the members can derive; set CHASQUI_CLUSTER_SECRET in production"
+        )
+        cluster_secret = _derived_secret(cluster)
+    try:
+        config = NodeConfig(
+            node_id=node_id,
+            data_dir=data_dir,
+            members=parse_cluster(cluster),
+            cluster_secret=cluster_secret,
+            bind_host=bind_host,
+            fsync=fsync == "always",
+        )
+        config.member()
+        server, _port = create_server(config)
+    except ConfigError as error:
+        raise click.UsageError(str(error)) from error
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        logger.info("received %s, shutting down", signal.Signals(signum).name)
+        # Stop on another thread: grpc's stop must not run inside a signal handler frame
+        # that may interrupt one of its own locks.
+        import threading
+
+        threading.Thread(target=server.stop, name="chasqui-shutdown").start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.wait()
+
+
+@main.command()
+@click.option("--nodes", default=3, show_default=True, help="Cluster size (odd: 3 or 5).")
+@click.option(
+    "--data-dir",
+    default="./var",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="One subdirectory per node is created here.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to serve on.")
+@click.option("--client-port", default=DEV_CLIENT_PORT_BASE, show_default=True)
+@click.option("--raft-port", default=DEV_RAFT_PORT_BASE, show_default=True)
+def dev(nodes: int, data_dir: Path, host: str, client_port: int, raft_port: int) -> None:
+    """Start a local cluster in the foreground; Ctrl-C stops every node."""
+    if nodes < 1:
+        raise click.UsageError(f"--nodes {nodes} must be at least 1")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    secret_file = data_dir / "cluster-secret"
+    if not secret_file.exists():
+        secret_file.write_text(secrets.token_urlsafe(32) + "\n")
+        secret_file.chmod(0o600)
+    ids = [f"n{number}" for number in range(1, nodes + 1)]
+    cluster = ",".join(
+        f"{node_id}={host}:{client_port + i}/{host}:{raft_port + i}" for i, node_id in enumerate(ids)
+    )
+    processes: list[subprocess.Popen[bytes]] = []
+    for node_id in ids:
+        node_dir = data_dir / node_id
+        node_dir.mkdir(exist_ok=True)
+        log = open(node_dir / "node.log", "ab")
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "chasqui_node.cli", "start", "--node-id", node_id,
+                 "--data-dir", str(node_dir), "--cluster", cluster,
+                 "--cluster-secret-file", str(secret_file)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        )
+    endpoints = [f"{host}:{client_port + i}" for i in range(nodes)]
+    click.echo(f"Chasqui dev cluster: {nodes} nodes, data in {data_dir}/, logs in {data_dir}/n*/node.log")
+    for node_id, endpoint, process in zip(ids, endpoints, processes):
+        click.echo(f"  {node_id}  {endpoint}  (pid {process.pid})")
+    click.echo("\nTry it from Python (.venv/bin/python):")
+    click.echo("  from chasqui_client import Client")
+    click.echo(f"  c = Client({endpoints!r}); c.create_queue('jobs'); c.publish_queue('jobs', b'hi')")
+    click.echo("\nCtrl-C stops every node.")
+    try:
+        while all(process.poll() is None for process in processes):
+            time.sleep(0.5)
+        click.echo("a node exited; stopping the cluster (see its node.log)", err=True)
+    except KeyboardInterrupt:
+        click.echo("\nstopping...")
+    finally:
+        _stop_processes(processes)
+
+
+def _stop_processes(processes: list[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + DEV_STOP_WAIT_S
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@main.command()
+@click.option(
+    "--endpoints",
+    required=True,
+    envvar="CHASQUI_ENDPOINTS",
+    help="Client addresses, comma separated.",
+)
+@click.option("--timeout-s", default=2.0, show_default=True)
+def status(endpoints: str, timeout_s: float) -> None:
+    """Print each node's role, term, commit/applied index and lag."""
+    rows: list[tuple[str, ...]] = []
+    answers: list[Any] = []
+    for endpoint in filter(None, (e.strip() for e in endpoints.split(","))):
+        with grpc.insecure_channel(endpoint) as channel:
+            try:
+                answer = pb_grpc.BrokerStub(channel).ClusterStatus(
+                    pb.ClusterStatusRequest(), timeout=timeout_s
+                )
+                answers.append((endpoint, answer))
+            except grpc.RpcError as error:
+                answers.append((endpoint, error))
+    leader_commit = max(
+        (a.commit_index for _, a in answers if not isinstance(a, grpc.RpcError) and a.role == "leader"),
+        default=0,
+    )
+    for endpoint, answer in answers:
+        if isinstance(answer, grpc.RpcError):
+            rows.append((endpoint, "-", "unreachable", "-", "-", "-", "-", "-"))
+            continue
+        lag = str(max(0, leader_commit - answer.applied_index)) if leader_commit else "?"
+        rows.append(
+            (endpoint, answer.node_id, answer.role, str(answer.term), answer.leader_id or "-",
+             str(answer.commit_index), str(answer.applied_index), lag)
+        )
+    header = ("endpoint", "node", "role", "term", "leader", "commit", "applied", "lag")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    if not any(not isinstance(a, grpc.RpcError) and a.role == "leader" for _, a in answers):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ConfigError as error:
+        click.echo(f"error: {error}", err=True)
+        raise SystemExit(2) from error

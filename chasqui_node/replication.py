@@ -1,0 +1,478 @@
+"""Replication: the one module that imports pysyncobj.
+
+A `Replicator` owns a pysyncobj `SyncObj` with a single replicated method, `apply_entry`, that
+takes one encoded `Entry` (ASCII text; see commands.py for why text). Callers `propose()`
+commands from any thread; a proposer thread gathers whatever is waiting into one entry (group
+commit: one Raft round and one LMDB transaction for many commands), stamps the leader's clock,
+and hands it to pysyncobj with a callback. The callback runs on pysyncobj's tick thread when
+this node applies the entry and resolves each waiting caller with its own result.
+
+pysyncobj traps handled here (ARCHITECTURE section 3):
+- a replicated method that raises wedges the node, and a callback that raises applies an entry
+  twice: both catch everything;
+- the tick thread also runs our snapshot serializer, so snapshots never race with applies;
+- Raft is bound to the listed address and always encrypted with a cluster secret;
+- a leader without a majority steps down after `leaderFallbackTimeout`, tuned to 1.5 s.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+
+from chasqui_node import limits
+from chasqui_node.commands import Command, Entry, MalformedEntry, Result, decode_entry, encode_entry
+from chasqui_node.commands import encoded_size as command_encoded_size
+from chasqui_node.errors import ChasquiError, NoLeader, NotLeader, OutcomeUnknown, Unavailable
+from chasqui_node.state_machine import StateMachine, Store
+from chasqui_node.storage import SnapshotCorrupt, Storage, StorageError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+ENTRIES_IN_FLIGHT_MAX = 16  # Raft entries proposed and not yet applied; more waiting = bigger batches
+ENTRY_FORGOTTEN_S = 10.0  # an in-flight entry with no callback after this stops counting
+
+
+@dataclass(frozen=True)
+class Member:
+    node_id: str
+    client_address: str  # host:port where the node serves gRPC
+    raft_address: str  # host:port where the node speaks Raft
+
+
+@dataclass(frozen=True)
+class RaftTimings:
+    """Raft timing knobs, tuned so a leader kill is followed by a commit in well under 1 s."""
+
+    election_timeout_min_s: float = 0.3
+    election_timeout_max_s: float = 0.6
+    heartbeat_s: float = 0.05
+    leader_fallback_s: float = 1.5  # a leader that hears from no majority this long steps down
+    connection_retry_s: float = 0.5
+    connection_timeout_s: float = 1.5
+    tick_s: float = 0.02
+    log_compaction_entries_min: int = 5000
+
+
+class Role(Enum):
+    FOLLOWER = "follower"
+    CANDIDATE = "candidate"
+    LEADER = "leader"
+
+
+@dataclass(frozen=True)
+class PeerStatus:
+    member: Member
+    connected: bool
+    match_index: int
+
+
+@dataclass(frozen=True)
+class ReplicationStatus:
+    node_id: str
+    role: Role
+    term: int
+    leader: Member | None
+    commit_index: int
+    applied_index: int
+    log_length: int
+    has_quorum: bool
+    peers: tuple[PeerStatus, ...]
+
+
+class InternalError(ChasquiError):
+    """An entry failed because of a bug; every replica returns the same refusal."""
+
+
+@dataclass
+class _Proposal:
+    commands: Sequence[Command]
+    future: Future[list[Result]]
+
+
+def _fail_future(future: Future[list[Result]], error: ChasquiError) -> None:
+    if not future.done():
+        future.set_exception(error)
+
+
+class _RaftNode(SyncObj):  # type: ignore[misc]
+    """pysyncobj's view of the node: one replicated method."""
+
+    def __init__(
+        self,
+        self_address: str,
+        other_addresses: list[str],
+        conf: SyncObjConf,
+        apply_text: Callable[[int, str], list[Result] | None],
+    ) -> None:
+        # Assigned before SyncObj.__init__ so pysyncobj's default serializer would skip it; we
+        # use our own serializer anyway, and the state lives in LMDB.
+        self._apply_text = apply_text
+        super().__init__(self_address, other_addresses, conf)
+
+    @replicated  # type: ignore[misc]
+    def apply_entry(self, text: str) -> list[Result] | None:
+        # pysyncobj applies entries in order on its tick thread and advances raftLastApplied
+        # after this returns, so this entry's index is the next one.
+        return self._apply_text(self.raftLastApplied + 1, text)
+
+
+class Replicator:
+    """Proposes commands to the Raft group and applies committed entries to storage.
+
+    Thread rules: `propose`, `status`, `is_leader` and `leader` may be called from any thread.
+    Applies, callbacks and snapshots run on pysyncobj's tick thread, one at a time.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        members: Sequence[Member],
+        data_dir: Path,
+        storage: Storage,
+        state_machine: StateMachine,
+        *,
+        cluster_secret: str,
+        bind_host: str | None = None,
+        timings: RaftTimings = RaftTimings(),
+        on_applied: Callable[[Entry, list[Result]], None] | None = None,
+        on_fatal: Callable[[str], None] | None = None,
+    ) -> None:
+        by_id = {member.node_id: member for member in members}
+        if node_id not in by_id:
+            raise ValueError(f"node id {node_id!r} is not in the cluster {sorted(by_id)}")
+        if not cluster_secret:
+            raise ValueError("a cluster secret is required: the Raft port must never be open")
+        self.node_id = node_id
+        self.members = tuple(members)
+        self._self = by_id[node_id]
+        self._by_raft_address = {member.raft_address: member for member in members}
+        self._storage = storage
+        self._state_machine = state_machine
+        self._on_applied = on_applied
+        self._on_fatal = on_fatal or _exit_process
+        self._pending: queue.SimpleQueue[_Proposal | None] = queue.SimpleQueue()
+        # Entries handed to pysyncobj and not yet called back, by token, with submit time.
+        # Bounding them makes concurrent proposals pile up into bigger entries under load.
+        self._in_flight: dict[int, float] = {}
+        self._in_flight_changed = threading.Condition()
+        self._next_token = 0
+        self._closed = threading.Event()
+
+        data_dir.mkdir(parents=True, exist_ok=True)
+        raft_port = self._self.raft_address.rsplit(":", 1)[1]
+        conf = SyncObjConf(
+            password=cluster_secret,
+            bindAddress=f"{bind_host or self._self.raft_address.rsplit(':', 1)[0]}:{raft_port}",
+            journalFile=str(data_dir / "raft.journal"),
+            fullDumpFile=str(data_dir / "raft.snapshot"),
+            serializer=self._write_snapshot,
+            deserializer=self._read_snapshot,
+            appendEntriesUseBatch=False,
+            appendEntriesPeriod=timings.heartbeat_s,
+            raftMinTimeout=timings.election_timeout_min_s,
+            raftMaxTimeout=timings.election_timeout_max_s,
+            leaderFallbackTimeout=timings.leader_fallback_s,
+            connectionRetryTime=timings.connection_retry_s,
+            connectionTimeout=timings.connection_timeout_s,
+            autoTickPeriod=timings.tick_s,
+            logCompactionMinEntries=timings.log_compaction_entries_min,
+            commandsWaitLeader=False,
+            dynamicMembershipChange=True,
+            onStateChanged=self._on_state_changed,
+        )
+        others = [m.raft_address for m in members if m.node_id != node_id]
+        self._raft = _RaftNode(self._self.raft_address, others, conf, self._apply_text)
+        self._proposer = threading.Thread(
+            target=self._propose_loop, name=f"chasqui-proposer-{node_id}", daemon=True
+        )
+        self._proposer.start()
+
+    # -- proposing ---------------------------------------------------------------------------
+
+    def propose(self, command: Command, timeout_s: float) -> Result:
+        """Replicate one command and return its result.
+
+        Raises NotLeader/NoLeader when this node cannot lead the write (nothing was proposed),
+        and OutcomeUnknown when it was proposed but not seen committed within `timeout_s` (it
+        may still commit: the client retries with the same idempotency key).
+        """
+        return self.propose_many([command], timeout_s)[0]
+
+    def propose_many(self, commands: Sequence[Command], timeout_s: float) -> list[Result]:
+        """Replicate commands together (one entry when they fit) and return their results.
+
+        With no commands this is a read barrier: it returns once an entry proposed now has
+        been committed and applied here, so a following local read sees every earlier write.
+        """
+        if self._closed.is_set():
+            raise Unavailable(f"node {self.node_id} is shutting down")
+        self.check_leader()
+        future: Future[list[Result]] = Future()
+        self._pending.put(_Proposal(commands, future))
+        try:
+            return future.result(timeout=timeout_s)
+        except FutureTimeout:
+            raise OutcomeUnknown(
+                f"no commit within {timeout_s:.1f} s (leader change or lost majority); "
+                "retry with the same producer id and sequence"
+            ) from None
+
+    def check_leader(self) -> None:
+        """Raise NotLeader (with a hint when known) unless this node is the leader."""
+        if self._raft._isLeader():
+            return
+        leader = self.leader()
+        if leader is None:
+            raise NoLeader()
+        raise NotLeader(self.node_id, leader.node_id, leader.client_address)
+
+    def _propose_loop(self) -> None:
+        """Gather waiting proposals into entries while earlier entries are in flight."""
+        carried: _Proposal | None = None
+        while not self._closed.is_set():
+            first = carried or self._pending.get()
+            carried = None
+            if first is None:
+                break
+            token = self._reserve_in_flight()
+            batch = [first]
+            commands = list(first.commands)
+            size = sum(command_encoded_size(c) for c in commands)
+            while len(commands) < limits.RAFT_ENTRY_COMMANDS_MAX:
+                try:
+                    following = self._pending.get_nowait()
+                except queue.Empty:
+                    break
+                if following is None:
+                    self._closed.set()
+                    break
+                extra = sum(command_encoded_size(c) for c in following.commands)
+                if size + extra > limits.RAFT_ENTRY_BYTES_TARGET:
+                    carried = following
+                    break
+                batch.append(following)
+                commands.extend(following.commands)
+                size += extra
+            self._submit(token, batch, commands)
+        for proposal in _drain(self._pending, carried):
+            _fail_future(proposal.future, Unavailable(f"node {self.node_id} is shutting down"))
+
+    def _reserve_in_flight(self) -> int:
+        """Wait for room among in-flight entries and return a token for the next one.
+
+        pysyncobj calls back every entry it accepted, but a lost callback must not stall
+        proposing for good: entries older than ENTRY_FORGOTTEN_S stop counting.
+        """
+        with self._in_flight_changed:
+            while len(self._in_flight) >= ENTRIES_IN_FLIGHT_MAX:
+                oldest_allowed = time.monotonic() - ENTRY_FORGOTTEN_S
+                for token, submitted in list(self._in_flight.items()):
+                    if submitted < oldest_allowed:
+                        del self._in_flight[token]
+                self._in_flight_changed.wait(timeout=0.5)
+            self._next_token += 1
+            self._in_flight[self._next_token] = time.monotonic()
+            return self._next_token
+
+    def _release_in_flight(self, token: int) -> None:
+        with self._in_flight_changed:
+            self._in_flight.pop(token, None)
+            self._in_flight_changed.notify()
+
+    def _submit(self, token: int, batch: list[_Proposal], commands: list[Command]) -> None:
+        entry = Entry(now_ms=int(time.time() * 1000), commands=tuple(commands))
+        text = encode_entry(entry)
+
+        def on_committed(results: list[Result] | None, error: int) -> None:
+            # Runs on the tick thread. Must never raise (pysyncobj would apply again).
+            try:
+                self._release_in_flight(token)
+                if error != FAIL_REASON.SUCCESS or results is None:
+                    failure = self._failure(error)
+                    for proposal in batch:
+                        _fail_future(proposal.future, failure)
+                    return
+                position = 0
+                for proposal in batch:
+                    count = len(proposal.commands)
+                    if not proposal.future.done():
+                        proposal.future.set_result(results[position : position + count])
+                    position += count
+            except Exception:
+                logger.exception("commit callback failed")
+
+        try:
+            self._raft.apply_entry(text, callback=on_committed)
+        except Exception as error:  # pysyncobj refused to queue it (queue full, destroyed)
+            self._release_in_flight(token)
+            for proposal in batch:
+                _fail_future(proposal.future, Unavailable(f"cannot propose: {error}"))
+
+    def _failure(self, error: int) -> ChasquiError:
+        if error in (FAIL_REASON.UNKNOWN_OUTCOME,):
+            return OutcomeUnknown("the outcome of this write is unknown; retry with the same id")
+        if error == FAIL_REASON.SUCCESS:  # success without results: an already-applied replay
+            return OutcomeUnknown("the write was applied before; retry with the same id")
+        # QUEUE_FULL, MISSING_LEADER, DISCARDED, NOT_LEADER, LEADER_CHANGED, REQUEST_DENIED:
+        # the entry was not committed (DISCARDED: overwritten by a new leader's log).
+        leader = self.leader()
+        if leader is None or leader.node_id == self.node_id:
+            return NoLeader()
+        return NotLeader(self.node_id, leader.node_id, leader.client_address)
+
+    # -- applying (tick thread) --------------------------------------------------------------
+
+    def _apply_text(self, raft_index: int, text: str) -> list[Result] | None:
+        """Apply one committed entry. Never raises: pysyncobj would wedge the node."""
+        try:
+            try:
+                entry = decode_entry(text)
+            except MalformedEntry as error:
+                # Only a bug or a foreign writer produces this; every replica refuses alike.
+                logger.error("entry %d is malformed and skipped: %s", raft_index, error)
+                self._storage.apply(raft_index, lambda store: None)
+                return None
+            try:
+                results = self._storage.apply(
+                    raft_index, lambda store: self._state_machine.apply_entry(store, entry)
+                )
+            except StorageError:
+                raise
+            except Exception:
+                reference = uuid.uuid4().hex[:8]
+                logger.exception("applying entry %d failed (ref %s)", raft_index, reference)
+                failure = InternalError(f"internal error (see node log, ref {reference})")
+                self._storage.apply(raft_index, lambda store: None)
+                results = [failure for _ in entry.commands]
+            if results is not None and self._on_applied is not None:
+                self._on_applied(entry, results)
+            return results
+        except StorageError as error:
+            # The disk failed under us: this replica cannot keep up with the others, and
+            # continuing would diverge. Stop; a restart replays the journal.
+            self._on_fatal(f"storage failed while applying entry {raft_index}: {error}")
+            return None
+        except Exception:
+            logger.exception("unexpected failure applying entry %d", raft_index)
+            return None
+
+    def _write_snapshot(self, path: str, raft_data: Any) -> None:
+        # Called by pysyncobj on the tick thread during log compaction; it renames the file.
+        self._storage.write_snapshot(path, pickle.dumps(raft_data, protocol=4))
+
+    def _read_snapshot(self, path: str) -> Any:
+        # Called by pysyncobj on the tick thread at start-up and when a leader installs a
+        # snapshot on this follower. A corrupt snapshot must never be served or voted on.
+        try:
+            return pickle.loads(self._storage.install_snapshot(path))
+        except SnapshotCorrupt as error:
+            self._on_fatal(str(error))
+            raise
+
+    def _on_state_changed(self, old: int, new: int) -> None:
+        names = {0: "follower", 1: "candidate", 2: "leader"}
+        logger.info(
+            "node %s: %s -> %s (term %d)",
+            self.node_id,
+            names.get(old, old),
+            names.get(new, new),
+            self._raft.raftCurrentTerm,
+        )
+
+    def read(self, query: Callable[[Store], T]) -> T:
+        """Run `query` on this node's applied state (local; see `propose_many` for a barrier)."""
+        return self._storage.read(query)
+
+    # -- status ------------------------------------------------------------------------------
+
+    def is_leader(self) -> bool:
+        return bool(self._raft._isLeader())
+
+    def leader(self) -> Member | None:
+        node = self._raft._getLeader()
+        if node is None:
+            return None
+        return self._by_raft_address.get(getattr(node, "address", str(node)))
+
+    def status(self) -> ReplicationStatus:
+        raw = self._status_dict()
+        roles = {0: Role.FOLLOWER, 1: Role.CANDIDATE, 2: Role.LEADER}
+        peers = []
+        for member in self.members:
+            if member.node_id == self.node_id:
+                continue
+            key = member.raft_address
+            peers.append(
+                PeerStatus(
+                    member=member,
+                    connected=raw.get(f"partner_node_status_server_{key}", 0) == 2,
+                    match_index=int(raw.get(f"match_idx_server_{key}", 0)),
+                )
+            )
+        return ReplicationStatus(
+            node_id=self.node_id,
+            role=roles.get(raw.get("state", 0), Role.FOLLOWER),
+            term=int(raw.get("raft_term", 0)),
+            leader=self.leader(),
+            commit_index=int(raw.get("commit_idx", 0)),
+            applied_index=int(raw.get("last_applied", 0)),
+            log_length=int(raw.get("log_len", 0)),
+            has_quorum=bool(raw.get("has_quorum", False)),
+            peers=tuple(peers),
+        )
+
+    def _status_dict(self) -> dict[str, Any]:
+        # getStatus() iterates pysyncobj's dicts from this thread while the tick thread may
+        # change them; a rare "changed size during iteration" is retried a few times.
+        for _ in range(5):
+            try:
+                status: dict[str, Any] = self._raft.getStatus()
+                return status
+            except RuntimeError:
+                time.sleep(0.001)
+        return {}
+
+    # -- shutdown ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop proposing, fail waiting callers with UNAVAILABLE, stop Raft. Idempotent."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._pending.put(None)
+        self._proposer.join(timeout=5)
+        self._raft.destroy_synchronous()
+
+
+def _drain(pending: queue.SimpleQueue[_Proposal | None], carried: _Proposal | None) -> list[_Proposal]:
+    proposals = [carried] if carried is not None else []
+    while True:
+        try:
+            item = pending.get_nowait()
+        except queue.Empty:
+            return proposals
+        if item is not None:
+            proposals.append(item)
+
+
+def _exit_process(reason: str) -> None:
+    logger.critical("stopping the node: %s", reason)
+    logging.shutdown()
+    os._exit(70)

@@ -1,0 +1,651 @@
+"""The gRPC Broker service: validates requests, builds commands, replicates, maps errors.
+
+It makes no decisions about queues or topics: the state machine does, identically on every
+replica. This layer checks stateless limits before anything is proposed, so a bad request is
+refused whole with INVALID_ARGUMENT, and turns domain errors into gRPC status codes through one
+table (`_STATUS_OF`). A follower answers UNAVAILABLE with the leader's client address in the
+trailing metadata `chasqui-leader`.
+
+Reads (listings, whoami) run on the leader after a read barrier (an empty entry committed
+through Raft), so they see every write acknowledged before they started.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
+
+import grpc
+
+from chasqui_node import limits
+from chasqui_node.commands import (
+    Ack,
+    Command,
+    Consume,
+    CreateQueue,
+    CreateTopic,
+    CreateUser,
+    Created,
+    DeleteQueue,
+    DeleteTopic,
+    Deliveries,
+    Entry,
+    Extend,
+    Kind,
+    Nack,
+    Overflow,
+    Publish,
+    Receipt,
+    Result,
+    StartPosition,
+    Subscribe,
+    Subscribed,
+    Unsubscribe,
+    UserCreated,
+)
+from chasqui_node.errors import (
+    AlreadyExists,
+    ChasquiError,
+    FailedPrecondition,
+    InvalidArgument,
+    InvalidName,
+    LimitExceeded,
+    NoLeader,
+    NotFound,
+    NotLeader,
+    OutcomeUnknown,
+    PermissionDenied,
+    QueueFull,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+from chasqui_node.replication import ReplicationStatus
+from chasqui_node.state_machine import StateMachine, Store
+from chasqui_proto import chasqui_pb2 as pb
+from chasqui_proto import chasqui_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+LEADER_METADATA_KEY = "chasqui-leader"
+
+# One table from domain error to status; the most specific class wins (checked in order).
+_STATUS_OF: tuple[tuple[type[ChasquiError], grpc.StatusCode], ...] = (
+    (InvalidName, grpc.StatusCode.INVALID_ARGUMENT),
+    (LimitExceeded, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (NotLeader, grpc.StatusCode.UNAVAILABLE),
+    (NoLeader, grpc.StatusCode.UNAVAILABLE),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (OutcomeUnknown, grpc.StatusCode.ABORTED),
+)
+
+_KIND_FROM_PB = {pb.TOPIC: Kind.TOPIC, pb.QUEUE: Kind.QUEUE}
+_KIND_TO_PB = {Kind.TOPIC: pb.TOPIC, Kind.QUEUE: pb.QUEUE}
+_START_FROM_PB = {
+    pb.SubscribeRequest.LATEST: StartPosition.LATEST,
+    pb.SubscribeRequest.EARLIEST: StartPosition.EARLIEST,
+    pb.SubscribeRequest.OFFSET: StartPosition.OFFSET,
+}
+_OVERFLOW_FROM_PB = {pb.REJECT_PUBLISH: Overflow.REJECT_PUBLISH, pb.DROP_HEAD: Overflow.DROP_HEAD}
+_NAME_CHARACTERS = frozenset(limits.NAME_ALPHABET)
+
+
+class Replication(Protocol):
+    """What the service needs from replication; `Replicator` and the tests' fake provide it."""
+
+    node_id: str
+
+    def propose_many(self, commands: Sequence[Command], timeout_s: float) -> list[Result]: ...
+
+    def check_leader(self) -> None: ...
+
+    def status(self) -> ReplicationStatus: ...
+
+    def read(self, query: Callable[[Store], T]) -> T: ...
+
+
+def hash_key(key: str) -> str:
+    """The only form in which a key is stored or replicated. Keys carry 192 random bits, so
+    a plain SHA-256 is enough: there is nothing to brute-force."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def check_name(kind: Kind, name: str) -> None:
+    """Raise InvalidName unless `name` is 1..NAME_BYTES_MAX bytes of [A-Za-z0-9._-]."""
+    size = len(name.encode())
+    if size == 0:
+        raise InvalidName(kind.value, name, "it is empty")
+    if size > limits.NAME_BYTES_MAX:
+        raise InvalidName(
+            kind.value, name[:40] + "...", f"{size} bytes exceeds name_bytes_max {limits.NAME_BYTES_MAX}"
+        )
+    if not _NAME_CHARACTERS.issuperset(name):
+        bad = sorted(set(name) - _NAME_CHARACTERS)[0]
+        raise InvalidName(kind.value, name, f"character {bad!r} is not one of [A-Za-z0-9._-]")
+
+
+def _check_at_most(what: str, value: int, limit_name: str, limit: int) -> None:
+    if value > limit:
+        raise LimitExceeded(what, value, limit_name, limit)
+
+
+def _kind(value: int) -> Kind:
+    kind = _KIND_FROM_PB.get(value)
+    if kind is None:
+        raise InvalidArgument(f"kind {value} is not TOPIC (1) or QUEUE (2)")
+    return kind
+
+
+class ChangeBoard:
+    """Wakes long-polling consumers when a queue or topic may have something for them.
+
+    Fed from the apply path (any command that can make a message ready: publish, nack);
+    waiters pass the version they saw before looking, so a change in between is not missed.
+    """
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._versions: dict[tuple[Kind, str], int] = {}
+
+    def version(self, kind: Kind, name: str) -> int:
+        with self._condition:
+            return self._versions.get((kind, name), 0)
+
+    def wait(self, kind: Kind, name: str, seen: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        with self._condition:
+            while self._versions.get((kind, name), 0) == seen:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._condition.wait(remaining)
+
+    def on_applied(self, entry: Entry, results: list[Result]) -> None:
+        touched = {
+            (command.kind, command.name)
+            for command, result in zip(entry.commands, results)
+            if isinstance(command, Publish | Nack) and not isinstance(result, ChasquiError)
+        }
+        if not touched:
+            return
+        with self._condition:
+            for key in touched:
+                self._versions[key] = self._versions.get(key, 0) + 1
+            self._condition.notify_all()
+
+
+def _rpc(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn domain errors into status codes; never let a traceback reach the client."""
+
+    @functools.wraps(method)
+    def handler(self: BrokerService, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except ChasquiError as error:
+            self._abort(context, error)
+        except Exception:
+            reference = uuid.uuid4().hex[:8]
+            logger.exception("%s failed (ref %s)", method.__name__, reference)
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error (see node log, ref {reference})")
+
+    return handler
+
+
+class BrokerService(pb_grpc.BrokerServicer):  # type: ignore[misc]
+    def __init__(
+        self,
+        replication: Replication,
+        state_machine: StateMachine,
+        change_board: ChangeBoard,
+        *,
+        proposal_timeout_s: float = limits.PROPOSAL_TIMEOUT_S_DEFAULT,
+    ) -> None:
+        self._replication = replication
+        self._state_machine = state_machine
+        self._changes = change_board
+        self._proposal_timeout_s = proposal_timeout_s
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _abort(self, context: grpc.ServicerContext, error: ChasquiError) -> None:
+        code = next(
+            (status for cls, status in _STATUS_OF if isinstance(error, cls)),
+            grpc.StatusCode.INTERNAL,
+        )
+        if isinstance(error, NotLeader) and error.leader_address:
+            context.set_trailing_metadata(((LEADER_METADATA_KEY, error.leader_address),))
+        context.abort(code, error.message)
+
+    def _key_hash(self, context: grpc.ServicerContext) -> str:
+        for key, value in context.invocation_metadata():
+            if key == "authorization":
+                scheme, _, token = value.partition(" ")
+                if scheme.lower() != "bearer" or not token.strip():
+                    raise Unauthenticated("authorization metadata must be 'Bearer <key>'")
+                return hash_key(token.strip())
+        raise Unauthenticated("no key: send metadata 'authorization: Bearer <key>'")
+
+    def _timeout_s(self, context: grpc.ServicerContext) -> float:
+        remaining = context.time_remaining()
+        if remaining is None:
+            return self._proposal_timeout_s
+        return max(0.05, min(self._proposal_timeout_s, remaining - 0.05))
+
+    def _propose(self, command: Command, context: grpc.ServicerContext) -> Result:
+        result = self._replication.propose_many([command], self._timeout_s(context))[0]
+        if isinstance(result, ChasquiError):
+            raise result
+        return result
+
+    def _read(self, context: grpc.ServicerContext, query: Callable[[Store], T]) -> T:
+        self._replication.propose_many([], self._timeout_s(context))  # read barrier
+        return self._replication.read(query)
+
+    # -- users -------------------------------------------------------------------------------
+
+    @_rpc
+    def CreateUser(self, request: pb.CreateUserRequest, context: grpc.ServicerContext) -> Any:
+        key = secrets.token_urlsafe(limits.KEY_BYTES)
+        result = self._propose(CreateUser(key_hash=hash_key(key)), context)
+        assert isinstance(result, UserCreated)
+        return pb.CreateUserResponse(key=key, user_id=result.user_id)
+
+    @_rpc
+    def WhoAmI(self, request: pb.WhoAmIRequest, context: grpc.ServicerContext) -> Any:
+        key_hash = self._key_hash(context)
+        user = self._read(context, lambda store: self._state_machine.authenticate(store, key_hash))
+        return pb.WhoAmIResponse(user_id=user.user_id, admin=user.admin)
+
+    # -- topics and queues -------------------------------------------------------------------
+
+    @_rpc
+    def CreateTopic(self, request: pb.CreateTopicRequest, context: grpc.ServicerContext) -> Any:
+        key_hash = self._key_hash(context)
+        check_name(Kind.TOPIC, request.name)
+        result = self._propose(
+            CreateTopic(
+                key_hash=key_hash,
+                name=request.name,
+                exist_ok=request.exist_ok,
+                retention_ms=request.retention_ms,
+                retention_bytes=request.retention_bytes,
+            ),
+            context,
+        )
+        assert isinstance(result, Created)
+        return pb.CreateTopicResponse(created=result.created)
+
+    @_rpc
+    def DeleteTopic(self, request: pb.DeleteTopicRequest, context: grpc.ServicerContext) -> Any:
+        key_hash = self._key_hash(context)
+        check_name(Kind.TOPIC, request.name)
+        self._propose(DeleteTopic(key_hash=key_hash, name=request.name), context)
+        return pb.DeleteTopicResponse()
+
+    @_rpc
+    def ListTopics(self, request: pb.ListTopicsRequest, context: grpc.ServicerContext) -> Any:
+        key_hash = self._key_hash(context)
+        topics = self._read(
+            context,
+            lambda store: self._state_machine.list_topics(store, key_hash, request.owned_only),
+        )
+        return pb.ListTopicsResponse(
+            topics=[
+                pb.TopicInfo(
+                    name=topic.name,
+                    owner=topic.owner,
+                    subscribed=topic.subscribed,
+                    first_offset=topic.first_offset,
+                    next_offset=topic.next_offset,
+                )
+                for topic in topics
+            ]
+        )
+
+    @_rpc
+    def CreateQueue(self, request: pb.CreateQueueRequest, context: grpc.ServicerContext) -> Any:
+        key_hash = self._key_hash(context)
+        check_name(Kind.QUEUE, request.name)
+        if request.dead_letter_queue:
+            check_name(Kind.QUEUE, request.dead_letter_queue)
+            if request.dead_letter_queue == request.name:
+                raise InvalidArgument(f'queue "{request.name}" cannot be its own dead-letter queue')
+        _check_at_most(
+            "visibility timeout",
+            request.visibility_timeout_ms,
+            "visibility_timeout_ms_max",
+            limits.VISIBILITY_TIMEOUT_MS_MAX,
+        )
+        _check_at_most(
+            "max deliveries", request.max_deliveries, "max_deliveries_max", limits.MAX_DELIVERIES_MAX
+        )
+        _check_at_most("max length", request.max_length, "queue_depth_max", limits.QUEUE_DEPTH_MAX)
+        _check_at_most(
+            "message ttl", request.message_ttl_ms, "message_ttl_ms_max", limits.MESSAGE_TTL_MS_MAX
+        )
+        overflow = _OVERFLOW_FROM_PB.get(request.overflow)
+        if overflow is None:
+            raise InvalidArgument(f"overflow {request.overflow} is not REJECT_PUBLISH or DROP_HEAD")
+        result = self._propose(
+            CreateQueue(
+                key_hash=key_hash,
+                name=request.name,
+                exist_ok=request.exist_ok,
+                visibility_timeout_ms=request.visibility_timeout_ms,
+                max_deliveries=request.max_deliveries,
+                dead_letter_queue=request.dead_letter_queue,
+                max_length=request.max_length,
+                overflow=overflow,
+                message_ttl_ms=request.message_ttl_ms,
+            ),
+            context,
+        )
+        assert isinstance(result, Created)
+        return pb.CreateQueueResponse(created=result.created)
+
+    @_rpc
+    def DeleteQueue(self, request: pb.DeleteQueueRequest, context: grpc.ServicerContext) -> Any:
+        key_hash = self._key_hash(context)
+        check_name(Kind.QUEUE, request.name)
+        self._propose(DeleteQueue(key_hash=key_hash, name=request.name), context)
+        return pb.DeleteQueueResponse()
+
+    @_rpc
+    def ListQueues(self, request: pb.ListQueuesRequest, context: grpc.ServicerContext) -> Any:
+        key_hash = self._key_hash(context)
+        queues = self._read(
+            context,
+            lambda store: self._state_machine.list_queues(store, key_hash, request.owned_only),
+        )
+        return pb.ListQueuesResponse(
+            queues=[
+                pb.QueueInfo(
+                    name=queue.name,
+                    owner=queue.owner,
+                    subscribed=queue.subscribed,
+                    depth=queue.depth,
+                    in_flight=queue.in_flight,
+                )
+                for queue in queues
+            ]
+        )
+
+    # -- subscriptions -----------------------------------------------------------------------
+
+    @_rpc
+    def Subscribe(self, request: pb.SubscribeRequest, context: grpc.ServicerContext) -> Any:
+        key_hash = self._key_hash(context)
+        kind = _kind(request.kind)
+        check_name(kind, request.name)
+        start = _START_FROM_PB.get(request.start)
+        if start is None:
+            raise InvalidArgument(f"start {request.start} is not LATEST, EARLIEST or OFFSET")
+        result = self._propose(
+            Subscribe(
+                key_hash=key_hash, kind=kind, name=request.name, start=start, offset=request.offset
+            ),
+            context,
+        )
+        assert isinstance(result, Subscribed)
+        return pb.SubscribeResponse(offset=result.offset)
+
+    @_rpc
+    def Unsubscribe(self, request: pb.UnsubscribeRequest, context: grpc.ServicerContext) -> Any:
+        key_hash = self._key_hash(context)
+        kind = _kind(request.kind)
+        check_name(kind, request.name)
+        self._propose(Unsubscribe(key_hash=key_hash, kind=kind, name=request.name), context)
+        return pb.UnsubscribeResponse()
+
+    # -- messages ----------------------------------------------------------------------------
+
+    def _publish_command(
+        self,
+        key_hash: str,
+        kind: Kind,
+        name: str,
+        producer_id: str,
+        body: bytes,
+        sequence: int,
+        delay_ms: int,
+    ) -> Publish:
+        _check_at_most("message", len(body), "message_bytes_max", limits.MESSAGE_BYTES_MAX)
+        _check_at_most("delay_ms", delay_ms, "delay_ms_max", limits.DELAY_MS_MAX)
+        if delay_ms and kind is Kind.TOPIC:
+            raise InvalidArgument("delay_ms applies to queues only; topics deliver in order")
+        return Publish(
+            key_hash=key_hash,
+            kind=kind,
+            name=name,
+            body=body,
+            producer_id=producer_id,
+            sequence=sequence,
+            delay_ms=delay_ms,
+        )
+
+    def _check_producer(self, producer_id: str) -> None:
+        _check_at_most(
+            "producer id",
+            len(producer_id.encode()),
+            "producer_id_bytes_max",
+            limits.PRODUCER_ID_BYTES_MAX,
+        )
+
+    @staticmethod
+    def _receipt(result: Result) -> Any:
+        if isinstance(result, ChasquiError):
+            raise result
+        assert isinstance(result, Receipt)
+        return pb.Receipt(sequence=result.sequence, duplicate=result.duplicate)
+
+    @_rpc
+    def Publish(self, request: pb.PublishRequest, context: grpc.ServicerContext) -> Any:
+        key_hash = self._key_hash(context)
+        kind = _kind(request.kind)
+        check_name(kind, request.name)
+        self._check_producer(request.producer_id)
+        command = self._publish_command(
+            key_hash,
+            kind,
+            request.name,
+            request.producer_id,
+            request.body,
+            request.sequence,
+            request.delay_ms,
+        )
+        return pb.PublishResponse(receipt=self._receipt(self._propose(command, context)))
+
+    @_rpc
+    def PublishBatch(self, request: pb.PublishBatchRequest, context: grpc.ServicerContext) -> Any:
+        key_hash = self._key_hash(context)
+        kind = _kind(request.kind)
+        check_name(kind, request.name)
+        self._check_producer(request.producer_id)
+        _check_at_most(
+            "batch",
+            len(request.items),
+            "publish_batch_messages_max",
+            limits.PUBLISH_BATCH_MESSAGES_MAX,
+        )
+        _check_at_most(
+            "batch bytes",
+            sum(len(item.body) for item in request.items),
+            "publish_batch_bytes_max",
+            limits.PUBLISH_BATCH_BYTES_MAX,
+        )
+        commands: list[Command] = [
+            self._publish_command(
+                key_hash,
+                kind,
+                request.name,
+                request.producer_id,
+                item.body,
+                item.sequence,
+                item.delay_ms,
+            )
+            for item in request.items
+        ]
+        results = self._replication.propose_many(commands, self._timeout_s(context))
+        # The batch shares one entry, so refusals come from state (auth, not found, full):
+        # report the first; receipts of the accepted ones are kept by dedup for a retry.
+        return pb.PublishBatchResponse(receipts=[self._receipt(result) for result in results])
+
+    @_rpc
+    def Consume(self, request: pb.ConsumeRequest, context: grpc.ServicerContext) -> Any:
+        key_hash = self._key_hash(context)
+        kind = _kind(request.kind)
+        check_name(kind, request.name)
+        max_messages = request.max_messages or 1
+        _check_at_most("max_messages", max_messages, "consume_messages_max", limits.CONSUME_MESSAGES_MAX)
+        if not 0 <= request.timeout_s <= limits.CONSUME_WAIT_S_MAX:
+            raise InvalidArgument(
+                f"timeout_s {request.timeout_s} is outside 0..consume_wait_s_max "
+                f"{limits.CONSUME_WAIT_S_MAX}"
+            )
+        _check_at_most(
+            "visibility timeout",
+            request.visibility_timeout_ms,
+            "visibility_timeout_ms_max",
+            limits.VISIBILITY_TIMEOUT_MS_MAX,
+        )
+        command = Consume(
+            key_hash=key_hash,
+            kind=kind,
+            name=request.name,
+            max_messages=max_messages,
+            visibility_timeout_ms=request.visibility_timeout_ms,
+        )
+        deadline = time.monotonic() + request.timeout_s
+        remaining = context.time_remaining()
+        if remaining is not None:
+            deadline = min(deadline, time.monotonic() + remaining - 0.2)
+        while True:
+            seen = self._changes.version(kind, request.name)
+            result = self._propose(command, context)
+            assert isinstance(result, Deliveries)
+            left_s = deadline - time.monotonic()
+            if result.deliveries or left_s <= 0 or not context.is_active():
+                return pb.ConsumeResponse(deliveries=[_delivery_pb(d) for d in result.deliveries])
+            if result.next_ready_ms:
+                # Something leased or delayed becomes ready then; look again at that time.
+                left_s = min(left_s, max(0.01, result.next_ready_ms / 1000 - time.time()))
+            self._changes.wait(kind, request.name, seen, left_s)
+            self._replication.check_leader()
+
+    def _delivery_commands(
+        self, key_hash: str, references: Sequence[Any], build: Callable[..., Command]
+    ) -> list[Command]:
+        commands = []
+        for reference in references:
+            kind = _kind(reference.kind)
+            check_name(kind, reference.name)
+            commands.append(
+                build(
+                    key_hash=key_hash,
+                    kind=kind,
+                    name=reference.name,
+                    sequence=reference.sequence,
+                    delivery_count=reference.delivery_count,
+                )
+            )
+        return commands
+
+    def _propose_all(self, commands: list[Command], context: grpc.ServicerContext) -> None:
+        for result in self._replication.propose_many(commands, self._timeout_s(context)):
+            if isinstance(result, ChasquiError):
+                raise result
+
+    @_rpc
+    def Ack(self, request: pb.AckRequest, context: grpc.ServicerContext) -> Any:
+        key_hash = self._key_hash(context)
+        _check_at_most("ack batch", len(request.deliveries), "ack_batch_max", limits.ACK_BATCH_MAX)
+        self._propose_all(self._delivery_commands(key_hash, request.deliveries, Ack), context)
+        return pb.AckResponse()
+
+    @_rpc
+    def Nack(self, request: pb.NackRequest, context: grpc.ServicerContext) -> Any:
+        key_hash = self._key_hash(context)
+        _check_at_most("delay_ms", request.delay_ms, "delay_ms_max", limits.DELAY_MS_MAX)
+        delay_ms = request.delay_ms
+        commands = self._delivery_commands(
+            key_hash,
+            [request.delivery],
+            lambda **fields: Nack(delay_ms=delay_ms, **fields),
+        )
+        self._propose_all(commands, context)
+        return pb.NackResponse()
+
+    @_rpc
+    def Extend(self, request: pb.ExtendRequest, context: grpc.ServicerContext) -> Any:
+        key_hash = self._key_hash(context)
+        _check_at_most(
+            "extend_ms", request.extend_ms, "visibility_timeout_ms_max", limits.VISIBILITY_TIMEOUT_MS_MAX
+        )
+        extend_ms = request.extend_ms
+        commands = self._delivery_commands(
+            key_hash,
+            [request.delivery],
+            lambda **fields: Extend(extend_ms=extend_ms, **fields),
+        )
+        self._propose_all(commands, context)
+        return pb.ExtendResponse()
+
+    # -- cluster -----------------------------------------------------------------------------
+
+    @_rpc
+    def ClusterStatus(self, request: pb.ClusterStatusRequest, context: grpc.ServicerContext) -> Any:
+        # Status is local and unauthenticated on purpose: operators and the client's leader
+        # discovery need it from any node, and it reveals no user data.
+        status = self._replication.status()
+        leader = status.leader
+        return pb.ClusterStatusResponse(
+            node_id=status.node_id,
+            role=status.role.value,
+            term=status.term,
+            leader_id=leader.node_id if leader else "",
+            leader_address=leader.client_address if leader else "",
+            commit_index=status.commit_index,
+            applied_index=status.applied_index,
+            log_length=status.log_length,
+            has_quorum=status.has_quorum,
+            members=[
+                pb.MemberStatus(
+                    node_id=peer.member.node_id,
+                    client_address=peer.member.client_address,
+                    raft_address=peer.member.raft_address,
+                    connected=peer.connected,
+                    match_index=peer.match_index,
+                )
+                for peer in status.peers
+            ],
+        )
+
+
+def _delivery_pb(delivery: Any) -> Any:
+    return pb.Delivery(
+        kind=_KIND_TO_PB[delivery.kind],
+        name=delivery.name,
+        sequence=delivery.sequence,
+        body=delivery.body,
+        delivery_count=delivery.delivery_count,
+        publish_time_ms=delivery.publish_time_ms,
+        producer_id=delivery.producer_id,
+        lease_deadline_ms=delivery.lease_deadline_ms,
+    )

@@ -1,0 +1,339 @@
+"""LMDB storage: the applied state, its applied Raft index, and snapshots.
+
+The only module that imports lmdb. The data directory holds:
+
+    state/data.mdb    the state machine's key-value store (named database "state") and, in the
+                      same environment, the index of the last applied Raft entry ("meta").
+
+Applying an entry writes the state changes and the new applied index in ONE write transaction,
+so replaying the Raft journal after a crash is idempotent: an entry at or below the stored index
+is skipped (pysyncobj replays everything after its last snapshot on restart).
+
+A snapshot is one self-contained file that pysyncobj ships to lagging followers:
+
+    magic "CHQSNAP1" | u32 header length | header JSON {format_version, applied_index,
+    raft_data_bytes} | raft data | LMDB compact copy | u64 copy length | SHA-256 of all before
+
+It is read back and verified before anything is replaced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import lmdb
+
+T = TypeVar("T")
+
+SNAPSHOT_MAGIC = b"CHQSNAP1"
+SNAPSHOT_FORMAT_VERSION = 1
+_APPLIED_INDEX_KEY = b"applied_index"
+_COPY_CHUNK_BYTES = 1024 * 1024
+MAP_SIZE_BYTES_DEFAULT = 64 * 1024**3  # address space only; the file grows with the data
+READERS_MAX = 512  # concurrent read transactions (gRPC worker threads)
+
+
+class StorageError(Exception):
+    """The data directory cannot be used as it is; the node must stop rather than serve."""
+
+
+class SnapshotCorrupt(StorageError):
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"snapshot {path} is corrupt: {reason}; refusing to install it")
+        self.path = path
+        self.reason = reason
+
+
+class LmdbStore:
+    """The state machine's `Store` protocol over one LMDB transaction."""
+
+    def __init__(self, txn: Any, db: Any) -> None:
+        self._txn = txn
+        self._db = db
+
+    def get(self, key: bytes) -> bytes | None:
+        value = self._txn.get(key, db=self._db)
+        return None if value is None else bytes(value)
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self._txn.put(key, value, db=self._db)
+
+    def delete(self, key: bytes) -> bool:
+        return bool(self._txn.delete(key, db=self._db))
+
+    def scan(
+        self, prefix: bytes, start: bytes = b"", limit: int = 1000
+    ) -> list[tuple[bytes, bytes]]:
+        found: list[tuple[bytes, bytes]] = []
+        if limit <= 0:
+            return found
+        cursor = self._txn.cursor(db=self._db)
+        if not cursor.set_range(max(prefix, start)):
+            return found
+        for key, value in cursor:
+            if not key.startswith(prefix):
+                break
+            found.append((bytes(key), bytes(value)))
+            if len(found) >= limit:
+                break
+        return found
+
+
+class _ReadWriteLock:
+    """Many readers or one exclusive holder; the exclusive side is only the snapshot swap."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._readers = 0
+        self._exclusive = False
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._condition:
+            while self._exclusive:
+                self._condition.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._readers -= 1
+                self._condition.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._condition:
+            while self._exclusive:
+                self._condition.wait()
+            self._exclusive = True
+            while self._readers:
+                self._condition.wait()
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._exclusive = False
+                self._condition.notify_all()
+
+
+class Storage:
+    """The node's applied state in LMDB.
+
+    Writes (`apply`, `install_snapshot`) come only from the replication thread; reads (`read`)
+    may come from any thread and see the last committed transaction.
+    """
+
+    def __init__(
+        self, data_dir: Path, *, fsync: bool = True, map_size_bytes: int = MAP_SIZE_BYTES_DEFAULT
+    ) -> None:
+        self._data_dir = Path(data_dir)
+        self._state_dir = self._data_dir / "state"
+        self._fsync = fsync
+        self._map_size_bytes = map_size_bytes
+        self._lock = _ReadWriteLock()
+        self._data_dir.mkdir(parents=True, exist_ok=True)
+        self._recover_interrupted_swap()
+        self._open()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        self._state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._env = lmdb.open(
+                str(self._state_dir),
+                map_size=self._map_size_bytes,
+                max_dbs=4,
+                max_readers=READERS_MAX,
+                sync=self._fsync,
+                metasync=self._fsync,
+                readahead=False,
+            )
+        except lmdb.Error as error:
+            raise StorageError(f"cannot open LMDB state in {self._state_dir}: {error}") from error
+        self._state_db = self._env.open_db(b"state")
+        self._meta_db = self._env.open_db(b"meta")
+        with self._env.begin() as txn:
+            raw = txn.get(_APPLIED_INDEX_KEY, db=self._meta_db)
+        self._applied_index = 0 if raw is None else struct.unpack(">Q", raw)[0]
+
+    def close(self) -> None:
+        with self._lock.exclusive():
+            self._env.close()
+
+    def _recover_interrupted_swap(self) -> None:
+        """Finish or undo a snapshot install that a crash interrupted (see `install_snapshot`)."""
+        incoming = self._data_dir / "state.incoming"
+        retired = self._data_dir / "state.retired"
+        if not self._state_dir.exists() and incoming.exists():
+            incoming.rename(self._state_dir)
+            _fsync_dir(self._data_dir)
+        for leftover in (incoming, retired):
+            if leftover.exists():
+                shutil.rmtree(leftover)
+
+    # -- state -------------------------------------------------------------------------------
+
+    @property
+    def applied_index(self) -> int:
+        """Index of the last Raft entry whose effects are stored (0 when none)."""
+        return self._applied_index
+
+    def apply(self, raft_index: int, change: Callable[[LmdbStore], T]) -> T | None:
+        """Run `change` and record `raft_index` as applied, in one write transaction.
+
+        Returns None without running `change` when the entry is already applied (journal replay
+        after a restart). If `change` raises, nothing it wrote is kept and the index does not
+        move; the exception propagates. Called only from the replication thread.
+        """
+        if raft_index <= self._applied_index:
+            return None
+        try:
+            with self._lock.shared(), self._env.begin(write=True) as txn:
+                result = change(LmdbStore(txn, self._state_db))
+                txn.put(_APPLIED_INDEX_KEY, struct.pack(">Q", raft_index), db=self._meta_db)
+        except lmdb.Error as error:
+            # Disk full, I/O error, map full: local trouble, not a verdict on the entry.
+            raise StorageError(f"cannot apply entry {raft_index}: {error}") from error
+        self._applied_index = raft_index
+        return result
+
+    def read(self, query: Callable[[LmdbStore], T]) -> T:
+        """Run `query` on a consistent read-only view. Any thread."""
+        with self._lock.shared(), self._env.begin(write=False) as txn:
+            return query(LmdbStore(txn, self._state_db))
+
+    def dump_state(self) -> list[tuple[bytes, bytes]]:
+        """Every key and value, sorted: for tests that compare replicas."""
+        with self._lock.shared(), self._env.begin(write=False) as txn:
+            return [(bytes(k), bytes(v)) for k, v in txn.cursor(db=self._state_db)]
+
+    # -- snapshots ---------------------------------------------------------------------------
+
+    def write_snapshot(self, path: str, raft_data: bytes) -> None:
+        """Write a self-contained snapshot of the applied state plus `raft_data` to `path`.
+
+        Runs on the replication thread, so no entry is applied while the copy is taken: the
+        copy matches `applied_index` exactly. The file is fsynced before returning.
+        """
+        header = json.dumps(
+            {
+                "format_version": SNAPSHOT_FORMAT_VERSION,
+                "applied_index": self._applied_index,
+                "raft_data_bytes": len(raft_data),
+            },
+            sort_keys=True,
+        ).encode()
+        with self._lock.shared(), open(path, "wb") as out:
+            out.write(SNAPSHOT_MAGIC + struct.pack(">I", len(header)) + header + raft_data)
+            out.flush()
+            copy_start = out.tell()
+            self._env.copyfd(out.fileno(), compact=True)
+            out.seek(0, os.SEEK_END)
+            copy_bytes = out.tell() - copy_start
+            out.write(struct.pack(">Q", copy_bytes))
+            out.flush()
+        digest = _sha256_of_file(path, os.path.getsize(path))
+        with open(path, "ab") as out:
+            out.write(digest)
+            out.flush()
+            os.fsync(out.fileno())
+
+    def install_snapshot(self, path: str) -> bytes:
+        """Verify the snapshot at `path`, make its state ours, and return its raft data.
+
+        The local state is kept when it is already at or past the snapshot's index (a restart
+        loading our own older snapshot): applied entries are committed, so it is the same
+        history, further along. Raises `SnapshotCorrupt` when the file fails verification;
+        nothing local is touched then. Runs on the replication thread.
+        """
+        header, raft_data, copy_offset, copy_bytes = read_snapshot_header(path)
+        if header["applied_index"] <= self._applied_index:
+            return raft_data
+        incoming = self._data_dir / "state.incoming"
+        retired = self._data_dir / "state.retired"
+        shutil.rmtree(incoming, ignore_errors=True)
+        incoming.mkdir()
+        with open(path, "rb") as source, open(incoming / "data.mdb", "wb") as target:
+            source.seek(copy_offset)
+            remaining = copy_bytes
+            while remaining:
+                chunk = source.read(min(_COPY_CHUNK_BYTES, remaining))
+                if not chunk:
+                    raise SnapshotCorrupt(path, "state copy ends early")
+                target.write(chunk)
+                remaining -= len(chunk)
+            target.flush()
+            os.fsync(target.fileno())
+        _fsync_dir(incoming)
+        with self._lock.exclusive():
+            self._env.close()
+            self._state_dir.rename(retired)
+            incoming.rename(self._state_dir)
+            _fsync_dir(self._data_dir)
+            shutil.rmtree(retired)
+            self._open()
+        return raft_data
+
+
+def read_snapshot_header(path: str) -> tuple[dict[str, Any], bytes, int, int]:
+    """Verify a snapshot file and return (header, raft data, state offset, state length).
+
+    Raises `SnapshotCorrupt` for a wrong magic, version, length or checksum.
+    """
+    try:
+        size = os.path.getsize(path)
+        trailer_bytes = 8 + 32
+        if size < len(SNAPSHOT_MAGIC) + 4 + trailer_bytes:
+            raise SnapshotCorrupt(path, f"only {size} bytes")
+        with open(path, "rb") as source:
+            if source.read(len(SNAPSHOT_MAGIC)) != SNAPSHOT_MAGIC:
+                raise SnapshotCorrupt(path, "not a Chasqui snapshot (bad magic)")
+            (header_bytes,) = struct.unpack(">I", source.read(4))
+            if header_bytes > size:
+                raise SnapshotCorrupt(path, f"header length {header_bytes} exceeds file size")
+            header = json.loads(source.read(header_bytes))
+            if header.get("format_version") != SNAPSHOT_FORMAT_VERSION:
+                raise SnapshotCorrupt(path, f"format version {header.get('format_version')}")
+            raft_data = source.read(int(header["raft_data_bytes"]))
+            copy_offset = source.tell()
+            source.seek(size - trailer_bytes)
+            (copy_bytes,) = struct.unpack(">Q", source.read(8))
+            stored_digest = source.read(32)
+        if copy_offset + copy_bytes != size - trailer_bytes:
+            raise SnapshotCorrupt(path, "section lengths do not add up to the file size")
+        if _sha256_of_file(path, size - 32) != stored_digest:
+            raise SnapshotCorrupt(path, "checksum mismatch")
+        return header, raft_data, copy_offset, copy_bytes
+    except (OSError, ValueError, KeyError, struct.error) as error:
+        raise SnapshotCorrupt(path, str(error)) from error
+
+
+def _sha256_of_file(path: str, length: int) -> bytes:
+    digest = hashlib.sha256()
+    with open(path, "rb") as source:
+        remaining = length
+        while remaining:
+            chunk = source.read(min(_COPY_CHUNK_BYTES, remaining))
+            if not chunk:
+                break
+            digest.update(chunk)
+            remaining -= len(chunk)
+    return digest.digest()
+
+
+def _fsync_dir(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
