@@ -1,0 +1,106 @@
+"""Proves the entry encoding is a faithful, strict round trip: every command type survives
+`encode_entry` / `decode_entry` unchanged, the text is ASCII, and anything `encode_entry` could
+not have produced is refused with `MalformedEntry` rather than turned into a wrong command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from chasqui_node.commands import (
+    Ack,
+    Command,
+    Consume,
+    CreateQueue,
+    CreateTopic,
+    CreateUser,
+    DeleteQueue,
+    DeleteTopic,
+    Entry,
+    Extend,
+    Kind,
+    MalformedEntry,
+    Nack,
+    Overflow,
+    Publish,
+    StartPosition,
+    Subscribe,
+    Unsubscribe,
+    decode_command,
+    decode_entry,
+    encode_command,
+    encode_entry,
+    encoded_size,
+)
+
+EVERY_COMMAND: list[Command] = [
+    CreateUser("h" * 64, admin=True),
+    CreateTopic("h", "news", exist_ok=True, retention_ms=5, retention_bytes=6),
+    DeleteTopic("h", "news"),
+    CreateQueue("h", "jobs", True, 1000, 3, "dead", 10, Overflow.DROP_HEAD, 60_000),
+    DeleteQueue("h", "jobs"),
+    Subscribe("h", Kind.TOPIC, "news", StartPosition.OFFSET, 42),
+    Unsubscribe("h", Kind.QUEUE, "jobs"),
+    Publish("h", Kind.QUEUE, "jobs", bytes(range(256)), "producer-1", 7, delay_ms=9),
+    Publish("h", Kind.TOPIC, "news", b"", "", 0),
+    Consume("h", Kind.QUEUE, "jobs", 10, 5000),
+    Ack("h", Kind.TOPIC, "news", 3, 1),
+    Nack("h", Kind.QUEUE, "jobs", 3, 2, delay_ms=100),
+    Extend("h", Kind.QUEUE, "jobs", 3, 2, extend_ms=1000),
+]
+
+
+@pytest.mark.parametrize("command", EVERY_COMMAND, ids=lambda c: type(c).__name__)
+def test_every_command_round_trips(command: Command) -> None:
+    assert decode_command(json.loads(json.dumps(encode_command(command)))) == command
+
+
+def test_entry_round_trips_as_ascii_text() -> None:
+    entry = Entry(now_ms=1_700_000_000_000, commands=tuple(EVERY_COMMAND))
+    text = encode_entry(entry)
+    assert text.isascii()
+    assert decode_entry(text) == entry
+
+
+def test_empty_entry_round_trips() -> None:
+    assert decode_entry(encode_entry(Entry(5, ()))) == Entry(5, ())
+
+
+def test_encoded_size_covers_the_real_encoding() -> None:
+    for command in EVERY_COMMAND:
+        assert encoded_size(command) >= len(json.dumps(encode_command(command)))
+
+
+def _valid_publish() -> list[object]:
+    return encode_command(Publish("h", Kind.QUEUE, "jobs", b"body", "p", 1))
+
+
+MALFORMED_ENTRIES = {
+    "not json": "[1, 2",
+    "not a list": '{"a": 1}',
+    "wrong version": json.dumps([99, 0, []]),
+    "too few parts": json.dumps([1, 0]),
+    "now_ms not int": json.dumps([1, "0", []]),
+    "now_ms bool": json.dumps([1, True, []]),
+    "commands not a list": json.dumps([1, 0, {}]),
+    "command not a list": json.dumps([1, 0, [5]]),
+    "empty command": json.dumps([1, 0, [[]]]),
+    "unknown tag": json.dumps([1, 0, [[99, "h"]]]),
+    "negative tag": json.dumps([1, 0, [[-1, "h"]]]),
+    "tag not int": json.dumps([1, 0, [["0", "h", False]]]),
+    "missing field": json.dumps([1, 0, [[0, "h"]]]),
+    "extra field": json.dumps([1, 0, [[0, "h", False, 1]]]),
+    "str where bool": json.dumps([1, 0, [[0, "h", "yes"]]]),
+    "int where bool": json.dumps([1, 0, [[0, "h", 1]]]),
+    "bool where int": json.dumps([1, 0, [[*_valid_publish()[:6], True, 0]]]),
+    "bad base64 body": json.dumps([1, 0, [[*_valid_publish()[:4], "!!!", "p", 1, 0]]]),
+    "unknown enum": json.dumps([1, 0, [[*_valid_publish()[:2], "stream", *_valid_publish()[3:]]]]),
+    "int where str": json.dumps([1, 0, [[2, 5, "news"]]]),
+}
+
+
+@pytest.mark.parametrize("text", MALFORMED_ENTRIES.values(), ids=MALFORMED_ENTRIES.keys())
+def test_malformed_entry_is_rejected(text: str) -> None:
+    with pytest.raises(MalformedEntry):
+        decode_entry(text)
