@@ -22,6 +22,7 @@ from typing import Any
 import click
 import grpc
 
+from chasqui_node.replication import RaftTimings
 from chasqui_node.server import ConfigError, NodeConfig, create_server, parse_cluster
 from chasqui_proto import chasqui_pb2 as pb
 from chasqui_proto import chasqui_pb2_grpc as pb_grpc
@@ -115,6 +116,14 @@ def main() -> None:
     envvar="CHASQUI_FSYNC",
     help="Sync state to disk before acknowledging; 'never' is unsafe.",
 )
+@click.option(
+    "--raft-compaction-entries",
+    type=click.IntRange(min=10),
+    default=RaftTimings().log_compaction_entries_min,
+    show_default=True,
+    envvar="CHASQUI_RAFT_COMPACTION_ENTRIES",
+    help="Snapshot the state and trim the Raft log after this many entries.",
+)
 @click.option("--log-level", default="info", envvar="CHASQUI_LOG_LEVEL", show_default=True)
 def start(
     node_id: str,
@@ -124,6 +133,7 @@ def start(
     cluster_secret: str | None,
     cluster_secret_file: str | None,
     fsync: str,
+    raft_compaction_entries: int,
     log_level: str,
 ) -> None:
     """Start one node of a cluster and serve until SIGTERM or SIGINT."""
@@ -144,6 +154,7 @@ def start(
             cluster_secret=cluster_secret,
             bind_host=bind_host,
             fsync=fsync == "always",
+            timings=RaftTimings(log_compaction_entries_min=raft_compaction_entries),
         )
         config.member()
         server, _port = create_server(config)
