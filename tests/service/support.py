@@ -48,9 +48,7 @@ def depth(stub: pb_grpc.BrokerStub, metadata: Metadata, queue_name: str) -> int:
     return depth_now
 
 
-def create_queue(
-    stub: pb_grpc.BrokerStub, metadata: Metadata, name: str, **fields: Any
-) -> None:
+def create_queue(stub: pb_grpc.BrokerStub, metadata: Metadata, name: str, **fields: Any) -> None:
     stub.CreateQueue(pb.CreateQueueRequest(name=name, **fields), metadata=metadata, timeout=5)
 
 
