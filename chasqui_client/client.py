@@ -60,7 +60,7 @@ _CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", limits.RECONNECT_BACKOFF_INITIAL_MS),
     ("grpc.max_reconnect_backoff_ms", limits.RECONNECT_BACKOFF_MAX_MS),
 ]
-# States after which a call on the channel is answered at once: connected, or failing fast.
+# States in which a call is answered without waiting for a connection: connected or failing fast.
 _SETTLED_STATES = frozenset(
     {
         grpc.ChannelConnectivity.READY,
@@ -88,30 +88,31 @@ class _Endpoint:
         # value only costs one extra attempt.
         self.state: grpc.ChannelConnectivity | None = None
         self._state_changed = threading.Condition()
-        self.channel.subscribe(self._on_state, try_to_connect=False)
+        self._was_ready = False
+        # Connect at once: an endpoint is created only when a call is about to use it.
+        self.channel.subscribe(self._on_state, try_to_connect=True)
 
     def _on_state(self, state: grpc.ChannelConnectivity) -> None:
         with self._state_changed:
             self.state = state
+            self._was_ready = self._was_ready or state is grpc.ChannelConnectivity.READY
             self._state_changed.notify_all()
 
     def wait_settled(self, timeout_s: float) -> bool:
-        """Connects if needed; True once the channel is READY or failing fast, False on timeout.
+        """True once the channel is READY, failing fast, or idle after use; False on timeout.
 
         A host that drops packets keeps the channel CONNECTING: this bounds how long the client
-        waits for it, without having sent anything, so moving on cannot duplicate a request.
+        waits for it, without having sent anything, so moving on cannot duplicate a request. An
+        IDLE channel that was connected before counts as settled: the call makes it reconnect.
         """
         with self._state_changed:
-            if self.state in _SETTLED_STATES:
-                return True
-        connecting = grpc.channel_ready_future(self.channel)  # asks an idle channel to connect
-        try:
-            with self._state_changed:
-                return self._state_changed.wait_for(
-                    lambda: self.state in _SETTLED_STATES, timeout=timeout_s
-                )
-        finally:
-            connecting.cancel()
+            return self._state_changed.wait_for(self._settled, timeout=timeout_s)
+
+    def _settled(self) -> bool:
+        if self.state is grpc.ChannelConnectivity.IDLE:
+            # A new channel starts IDLE while it begins to connect; a used one went idle.
+            return self._was_ready
+        return self.state in _SETTLED_STATES
 
     @property
     def connected(self) -> bool:
@@ -205,8 +206,12 @@ class Client:
             self._closed = True
             endpoints = list(self._endpoints.values())
             self._endpoints.clear()
-        for endpoint in endpoints:
-            endpoint.close()
+        # Closing a watched channel waits for gRPC's connectivity poll (up to 0.2 s): in parallel.
+        closers = [threading.Thread(target=endpoint.close, daemon=True) for endpoint in endpoints]
+        for closer in closers:
+            closer.start()
+        for closer in closers:
+            closer.join()
 
     def __enter__(self) -> Client:
         return self
@@ -615,6 +620,7 @@ class Client:
         metadata = (("authorization", f"Bearer {self.key}"),) if authenticated else ()
         record = _CallRecord()
         backoff_s = self.backoff_initial_s
+        attempts_made = 0
         while True:
             order = self._round_order()
             redirects = 0
@@ -626,8 +632,9 @@ class Client:
                 if remaining_s <= 0:
                     raise self._budget_error(budget_s, record)
                 endpoint = self._endpoint(address)
-                request_wait_s = 0.0
-                if wait_s > 0 and isinstance(request, chasqui_pb2.ConsumeRequest):
+                request_wait_s = wait_s
+                if attempts_made and wait_s > 0 and isinstance(request, chasqui_pb2.ConsumeRequest):
+                    # A retry waits only for what is left of the caller's wait.
                     request_wait_s = min(wait_s, max(0.0, remaining_s - self.call_timeout_s))
                     request.timeout_s = request_wait_s
                 if not endpoint.connected and not endpoint.wait_settled(
@@ -641,6 +648,7 @@ class Client:
                 attempt_timeout_s = min(
                     deadline - time.monotonic(), self.attempt_timeout_s + request_wait_s
                 )
+                attempts_made += 1
                 try:
                     response = getattr(endpoint.stub, rpc)(
                         request, timeout=attempt_timeout_s, metadata=metadata
