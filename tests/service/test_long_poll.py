@@ -1,0 +1,78 @@
+"""Consume long-polls: it waits for a message, wakes as soon as one is published, and ends
+empty-handed and without error when its wait runs out.
+
+Timing bounds are generous (a wake must come well before the timeout, not within a tight
+window) so the tests hold on a loaded machine.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from chasqui_proto import chasqui_pb2 as pb
+from tests.service.conftest import Broker
+from tests.service.support import Metadata, consume, create_queue, create_topic, publish
+
+
+def _publish_later(broker: Broker, user: Metadata, name: str, kind: int, delay_s: float) -> None:
+    def run() -> None:
+        time.sleep(delay_s)
+        publish(broker.stub, user, name, b"late", kind=kind)
+
+    threading.Thread(target=run, daemon=True).start()
+
+
+def test_consume_wakes_when_a_message_is_published(broker: Broker, user: Metadata) -> None:
+    create_queue(broker.stub, user, "orders")
+    _publish_later(broker, user, "orders", pb.QUEUE, delay_s=0.2)
+    started = time.monotonic()
+    deliveries = consume(broker.stub, user, "orders", timeout_s=2.0)
+    elapsed = time.monotonic() - started
+    assert [d.body for d in deliveries] == [b"late"]
+    assert 0.15 <= elapsed < 1.5
+
+
+def test_topic_consume_wakes_when_a_message_is_published(broker: Broker, user: Metadata) -> None:
+    create_topic(broker.stub, user, "news")
+    broker.stub.Subscribe(pb.SubscribeRequest(kind=pb.TOPIC, name="news"), metadata=user)
+    _publish_later(broker, user, "news", pb.TOPIC, delay_s=0.2)
+    started = time.monotonic()
+    deliveries = consume(broker.stub, user, "news", kind=pb.TOPIC, timeout_s=2.0)
+    assert [d.body for d in deliveries] == [b"late"]
+    assert time.monotonic() - started < 1.5
+
+
+def test_consume_is_not_woken_by_another_queue(broker: Broker, user: Metadata) -> None:
+    create_queue(broker.stub, user, "orders")
+    create_queue(broker.stub, user, "returns")
+    _publish_later(broker, user, "returns", pb.QUEUE, delay_s=0.05)
+    started = time.monotonic()
+    assert consume(broker.stub, user, "orders", timeout_s=0.4) == []
+    assert time.monotonic() - started >= 0.35
+
+
+def test_consume_on_empty_queue_returns_empty_after_timeout(broker: Broker, user: Metadata) -> None:
+    create_queue(broker.stub, user, "orders")
+    started = time.monotonic()
+    assert consume(broker.stub, user, "orders", timeout_s=0.3) == []
+    elapsed = time.monotonic() - started
+    assert 0.25 <= elapsed < 1.5
+
+
+def test_consume_without_timeout_returns_at_once(broker: Broker, user: Metadata) -> None:
+    create_queue(broker.stub, user, "orders")
+    started = time.monotonic()
+    assert consume(broker.stub, user, "orders") == []
+    assert time.monotonic() - started < 0.25
+
+
+def test_consume_ends_by_the_client_deadline(broker: Broker, user: Metadata) -> None:
+    """A client deadline shorter than timeout_s ends the wait early with an empty answer,
+    not DEADLINE_EXCEEDED: the service keeps a margin to send the reply."""
+    create_queue(broker.stub, user, "orders")
+    request = pb.ConsumeRequest(kind=pb.QUEUE, name="orders", timeout_s=5.0)
+    started = time.monotonic()
+    response = broker.stub.Consume(request, metadata=user, timeout=0.8)
+    assert list(response.deliveries) == []
+    assert time.monotonic() - started < 0.8
