@@ -107,6 +107,18 @@ class FakeBroker(chasqui_pb2_grpc.BrokerServicer):
         self._enter("CreateTopic", request, context)
         return chasqui_pb2.CreateTopicResponse(created=True)
 
+    def DeleteQueue(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._enter("DeleteQueue", request, context)
+        return chasqui_pb2.DeleteQueueResponse()
+
+    def DeleteTopic(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._enter("DeleteTopic", request, context)
+        return chasqui_pb2.DeleteTopicResponse()
+
+    def Unsubscribe(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._enter("Unsubscribe", request, context)
+        return chasqui_pb2.UnsubscribeResponse()
+
     def ListQueues(self, request: Any, context: grpc.ServicerContext) -> Any:
         self._enter("ListQueues", request, context)
         info = chasqui_pb2.QueueInfo(name="jobs", owner=USER_ID, depth=3, in_flight=1)
@@ -199,9 +211,9 @@ def closed_address() -> str:
     return f"127.0.0.1:{port}"
 
 
-def delivery(sequence: int = 5, kind: int = chasqui_pb2.QUEUE) -> chasqui_pb2.Delivery:
+def delivery(sequence: int = 5) -> chasqui_pb2.Delivery:
     return chasqui_pb2.Delivery(
-        kind=kind,
+        kind=chasqui_pb2.QUEUE,
         name="jobs",
         sequence=sequence,
         body="héllo".encode(),
@@ -540,6 +552,23 @@ def test_listing_subscribing_and_status_map_the_proto(start_broker: StartBroker)
         chasqui_pb2.TOPIC,
         chasqui_pb2.SubscribeRequest.OFFSET,
     )
+
+
+def test_deletes_and_unsubscribes_name_their_kind(start_broker: StartBroker) -> None:
+    broker = FakeBroker()
+    with Client([start_broker(broker)], key=KEY) as client:
+        client.delete_queue("jobs")
+        client.delete_topic("news")
+        client.subscribe_queue("jobs")
+        client.unsubscribe_queue("jobs")
+        client.unsubscribe_topic("news")
+    assert broker.calls("DeleteQueue")[0].request.name == "jobs"
+    assert broker.calls("DeleteTopic")[0].request.name == "news"
+    assert broker.calls("Subscribe")[0].request.kind == chasqui_pb2.QUEUE
+    assert [(seen.request.kind, seen.request.name) for seen in broker.calls("Unsubscribe")] == [
+        (chasqui_pb2.QUEUE, "jobs"),
+        (chasqui_pb2.TOPIC, "news"),
+    ]
 
 
 def test_closed_client_refuses_calls(start_broker: StartBroker) -> None:
