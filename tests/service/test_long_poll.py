@@ -76,3 +76,25 @@ def test_consume_ends_by_the_client_deadline(broker: Broker, user: Metadata) -> 
     response = broker.stub.Consume(request, metadata=user, timeout=0.8)
     assert list(response.deliveries) == []
     assert time.monotonic() - started < 0.8
+
+
+def test_consume_wakes_when_a_lease_is_given_back(broker: Broker, user: Metadata) -> None:
+    create_queue(broker.stub, user, "orders")
+    publish(broker.stub, user, "orders", b"retry me")
+    [delivery] = consume(broker.stub, user, "orders")
+    reference = pb.DeliveryRef(
+        kind=pb.QUEUE,
+        name="orders",
+        sequence=delivery.sequence,
+        delivery_count=delivery.delivery_count,
+    )
+
+    def nack_later() -> None:
+        time.sleep(0.2)
+        broker.stub.Nack(pb.NackRequest(delivery=reference), metadata=user, timeout=5)
+
+    threading.Thread(target=nack_later, daemon=True).start()
+    started = time.monotonic()
+    deliveries = consume(broker.stub, user, "orders", timeout_s=2.0)
+    assert [(d.body, d.delivery_count) for d in deliveries] == [(b"retry me", 2)]
+    assert time.monotonic() - started < 1.5

@@ -302,3 +302,42 @@ def test_duplicate_batch_returns_original_receipts(broker: Broker, user: Metadat
     assert [r.sequence for r in retry] == [r.sequence for r in first]
     assert all(r.duplicate for r in retry)
     assert depth(broker.stub, user, "orders") == 2
+
+
+# -- whole refusals ------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="service.py PublishBatch proposes every item and reports the first refusal, so a "
+    "batch that overflows a queue is half-applied (ARCHITECTURE promise 5: nothing is "
+    "half-applied); the accepted items' receipts are lost to the caller",
+)
+def test_batch_that_overflows_a_queue_is_refused_whole(broker: Broker, user: Metadata) -> None:
+    create_queue(broker.stub, user, "orders", max_length=2)
+    items = [{"body": body, "sequence": n} for n, body in enumerate([b"a", b"b", b"c"])]
+    request = pb.PublishBatchRequest(kind=pb.QUEUE, name="orders", producer_id="p1", items=items)
+    error = refusal(broker.stub.PublishBatch, request, user, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert '"orders" is full' in error.details()
+    assert depth(broker.stub, user, "orders") == 0
+
+
+# -- responses within the channel limit ----------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Consume bounds a reply by count only: five 1 MiB messages make a reply above "
+    "GRPC_MESSAGE_BYTES_MAX, gRPC fails the send with RESOURCE_EXHAUSTED after the state "
+    "machine leased all five, so they are redelivered later and never reach this caller",
+)
+def test_consume_of_large_messages_stays_under_the_grpc_limit(
+    broker: Broker, user: Metadata
+) -> None:
+    create_queue(broker.stub, user, "orders")
+    count = limits.GRPC_MESSAGE_BYTES_MAX // limits.MESSAGE_BYTES_MAX + 1
+    for _ in range(count):
+        publish(broker.stub, user, "orders", b"m" * limits.MESSAGE_BYTES_MAX)
+    deliveries = consume(broker.stub, user, "orders", max_messages=count)
+    assert 1 <= len(deliveries) < count
+    assert queues(broker.stub, user)["orders"].in_flight == len(deliveries)
