@@ -711,21 +711,24 @@ def _leader_hint(error: grpc.RpcError) -> str | None:
 
 
 def _check_name(kind: str, name: str) -> None:
-    """Raises InvalidArgument unless `name` is 1..200 bytes of [A-Za-z0-9._-]."""
+    """Raises InvalidArgument unless `name` is 1..200 bytes of [A-Za-z0-9._-].
+
+    Same rule and wording as the node's check, so the caller sees one message either way.
+    """
     if not isinstance(name, str):
         raise errors.InvalidArgument(f"{kind} name {name!r} is invalid: must be a string")
-    size = len(name.encode("utf-8"))
-    if size == 0:
-        raise errors.InvalidArgument(f"{kind} name {name!r} is invalid: must not be empty")
-    if size > limits.NAME_BYTES_MAX:
+    size = len(name.encode("utf-8", errors="surrogatepass"))
+    shown = name if len(name) <= 60 else name[:57] + "..."
+    if not 1 <= size <= limits.NAME_BYTES_MAX:
         raise errors.InvalidArgument(
-            f"{kind} name {name[:20]!r}... is invalid: name of {size} bytes exceeds "
-            f"name_bytes_max {limits.NAME_BYTES_MAX}"
+            f"{kind} name {shown!r} is invalid: must be 1 to name_bytes_max "
+            f"{limits.NAME_BYTES_MAX} bytes, got {size}"
         )
-    if not _NAME_ALPHABET.issuperset(name):
-        raise errors.InvalidArgument(
-            f"{kind} name {name!r} is invalid: only letters, digits, '.', '_' and '-' are allowed"
-        )
+    for char in name:
+        if char not in _NAME_ALPHABET:
+            raise errors.InvalidArgument(
+                f"{kind} name {shown!r} is invalid: character {char!r} is not one of [A-Za-z0-9._-]"
+            )
 
 
 def _check_range(what: str, value: int, limit_name: str, limit: int) -> None:

@@ -89,7 +89,7 @@ def test_name_up_to_200_bytes_passes(client: Client, size: int) -> None:
 
 def test_name_of_201_bytes_is_rejected(client: Client) -> None:
     with pytest.raises(
-        errors.InvalidArgument, match="name of 201 bytes exceeds name_bytes_max 200"
+        errors.InvalidArgument, match="must be 1 to name_bytes_max 200 bytes, got 201"
     ):
         client.create_topic("t" * 201)
 
@@ -296,3 +296,15 @@ def test_public_names_are_exported() -> None:
     for name in ["Client", "Message", "Receipt", "TopicInfo", "QueueInfo", "errors"]:
         assert hasattr(chasqui_client, name)
     assert Receipt(1, False) == Receipt(sequence=1, duplicate=False)
+
+
+@pytest.mark.parametrize("name", ["", "x" * 201, "has space", "ñandú", "a" * 70 + "/"])
+def test_name_errors_read_exactly_like_the_node(client: Client, name: str) -> None:
+    from chasqui_node import commands
+    from chasqui_node import errors as node_errors
+
+    with pytest.raises(node_errors.InvalidName) as node_raised:
+        commands.check_name(commands.Kind.QUEUE, name)
+    with pytest.raises(errors.InvalidArgument) as client_raised:
+        client.create_queue(name)
+    assert client_raised.value.message == node_raised.value.message
