@@ -81,9 +81,7 @@ class NoEndpointAvailable(Unavailable):
 
     def __init__(self, timeout_s: float, attempts: dict[str, str]) -> None:
         tried = "; ".join(f"{endpoint} ({error})" for endpoint, error in attempts.items())
-        super().__init__(
-            f"no endpoint answered within call_timeout_s {timeout_s:g}; tried: {tried}"
-        )
+        super().__init__(f"no endpoint answered within {timeout_s:g} s; tried: {tried}")
         self.timeout_s = timeout_s
         self.attempts = dict(attempts)
 
