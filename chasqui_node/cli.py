@@ -197,30 +197,40 @@ def dev(nodes: int, data_dir: Path, host: str, client_port: int, raft_port: int)
         secret_file.chmod(0o600)
     ids = [f"n{number}" for number in range(1, nodes + 1)]
     cluster = ",".join(
-        f"{node_id}={host}:{client_port + i}/{host}:{raft_port + i}" for i, node_id in enumerate(ids)
+        f"{node_id}={host}:{client_port + i}/{host}:{raft_port + i}"
+        for i, node_id in enumerate(ids)
     )
     processes: list[subprocess.Popen[bytes]] = []
     for node_id in ids:
         node_dir = data_dir / node_id
         node_dir.mkdir(exist_ok=True)
-        log = open(node_dir / "node.log", "ab")
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "chasqui_node.cli", "start", "--node-id", node_id,
-                 "--data-dir", str(node_dir), "--cluster", cluster,
-                 "--cluster-secret-file", str(secret_file)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        command = [
+            sys.executable, "-m", "chasqui_node.cli", "start",
+            "--node-id", node_id,
+            "--data-dir", str(node_dir),
+            "--cluster", cluster,
+            "--cluster-secret-file", str(secret_file),
+        ]  # fmt: skip
+        with open(node_dir / "node.log", "ab") as log:
+            processes.append(
+                subprocess.Popen(
+                    command,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                )
             )
-        )
     endpoints = [f"{host}:{client_port + i}" for i in range(nodes)]
-    click.echo(f"Chasqui dev cluster: {nodes} nodes, data in {data_dir}/, logs in {data_dir}/n*/node.log")
-    for node_id, endpoint, process in zip(ids, endpoints, processes):
+    click.echo(
+        f"Chasqui dev cluster: {nodes} nodes, data in {data_dir}/, logs in {data_dir}/n*/node.log"
+    )
+    for node_id, endpoint, process in zip(ids, endpoints, processes, strict=True):
         click.echo(f"  {node_id}  {endpoint}  (pid {process.pid})")
     click.echo("\nTry it from Python (.venv/bin/python):")
     click.echo("  from chasqui_client import Client")
-    click.echo(f"  c = Client({endpoints!r}); c.create_queue('jobs'); c.publish_queue('jobs', b'hi')")
+    click.echo(
+        f"  c = Client({endpoints!r}); c.create_queue('jobs'); c.publish_queue('jobs', b'hi')"
+    )
     click.echo("\nCtrl-C stops every node.")
     try:
         while all(process.poll() is None for process in processes):
@@ -267,7 +277,11 @@ def status(endpoints: str, timeout_s: float) -> None:
             except grpc.RpcError as error:
                 answers.append((endpoint, error))
     leader_commit = max(
-        (a.commit_index for _, a in answers if not isinstance(a, grpc.RpcError) and a.role == "leader"),
+        (
+            a.commit_index
+            for _, a in answers
+            if not isinstance(a, grpc.RpcError) and a.role == "leader"
+        ),
         default=0,
     )
     for endpoint, answer in answers:
@@ -276,13 +290,22 @@ def status(endpoints: str, timeout_s: float) -> None:
             continue
         lag = str(max(0, leader_commit - answer.applied_index)) if leader_commit else "?"
         rows.append(
-            (endpoint, answer.node_id, answer.role, str(answer.term), answer.leader_id or "-",
-             str(answer.commit_index), str(answer.applied_index), lag)
+            (
+                endpoint,
+                answer.node_id,
+                answer.role,
+                str(answer.term),
+                answer.leader_id or "-",
+                str(answer.commit_index),
+                str(answer.applied_index),
+                lag,
+            )
         )
     header = ("endpoint", "node", "role", "term", "leader", "commit", "applied", "lag")
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
-        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        click.echo("  ".join(cells).rstrip())
     if not any(not isinstance(a, grpc.RpcError) and a.role == "leader" for _, a in answers):
         raise SystemExit(1)
 

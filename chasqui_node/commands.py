@@ -18,9 +18,10 @@ import dataclasses
 import enum
 import json
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
-from chasqui_node.errors import ChasquiError
+from chasqui_node import limits
+from chasqui_node.errors import ChasquiError, InvalidName
 
 
 class Kind(enum.Enum):
@@ -161,20 +162,20 @@ class Extend:
     extend_ms: int
 
 
-Command = Union[
-    CreateUser,
-    CreateTopic,
-    DeleteTopic,
-    CreateQueue,
-    DeleteQueue,
-    Subscribe,
-    Unsubscribe,
-    Publish,
-    Consume,
-    Ack,
-    Nack,
-    Extend,
-]
+Command = (
+    CreateUser
+    | CreateTopic
+    | DeleteTopic
+    | CreateQueue
+    | DeleteQueue
+    | Subscribe
+    | Unsubscribe
+    | Publish
+    | Consume
+    | Ack
+    | Nack
+    | Extend
+)
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,24 @@ class Entry:
 
     now_ms: int
     commands: tuple[Command, ...]
+
+
+def check_name(kind: Kind, name: str) -> None:
+    """Raise InvalidName unless `name` is 1..NAME_BYTES_MAX bytes of [A-Za-z0-9._-].
+
+    Checked at the edge (service) before proposing, and again by the state machine.
+    """
+    encoded = name.encode("utf-8", errors="surrogatepass")
+    shown = name if len(name) <= 60 else name[:57] + "..."
+    if not 1 <= len(encoded) <= limits.NAME_BYTES_MAX:
+        raise InvalidName(
+            kind.value,
+            shown,
+            f"must be 1 to name_bytes_max {limits.NAME_BYTES_MAX} bytes, got {len(encoded)}",
+        )
+    for char in name:
+        if char not in limits.NAME_ALPHABET:
+            raise InvalidName(kind.value, shown, f"character {char!r} is not one of [A-Za-z0-9._-]")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,9 +296,17 @@ class UserInfo:
     admin: bool
 
 
-Result = Union[
-    UserCreated, Created, Deleted, Subscribed, Unsubscribed, Receipt, Deliveries, Done, ChasquiError
-]
+Result = (
+    UserCreated
+    | Created
+    | Deleted
+    | Subscribed
+    | Unsubscribed
+    | Receipt
+    | Deliveries
+    | Done
+    | ChasquiError
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,7 +373,7 @@ def decode_command(item: Any) -> Command:
     if len(item) != len(fields) + 1:
         raise MalformedEntry(f"{cls.__name__} has {len(item) - 1} fields, expected {len(fields)}")
     values: dict[str, Any] = {}
-    for (name, field_type), raw in zip(fields, item[1:]):
+    for (name, field_type), raw in zip(fields, item[1:], strict=True):
         try:
             if field_type is bytes:
                 values[name] = base64.b64decode(raw, validate=True)

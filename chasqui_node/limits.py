@@ -20,7 +20,9 @@ GRPC_MESSAGE_BYTES_MAX = PUBLISH_BATCH_BYTES_MAX + 64 * 1024  # headroom for the
 
 CONSUME_WAIT_S_MAX = 60.0  # longest long-poll; longer waits are better as repeated calls
 VISIBILITY_TIMEOUT_MS_DEFAULT = 30_000  # ARCHITECTURE section 2
-VISIBILITY_TIMEOUT_MS_MAX = 12 * 3600 * 1000  # SQS allows 12 h; a longer lease hides a dead consumer
+VISIBILITY_TIMEOUT_MS_MAX = (
+    12 * 3600 * 1000
+)  # SQS allows 12 h; a longer lease hides a dead consumer
 DELAY_MS_MAX = 15 * 60 * 1000  # delayed delivery and nack delay; SQS caps delays at 15 min
 MESSAGE_TTL_MS_MAX = 14 * 24 * 3600 * 1000  # two weeks; queues are not archives
 MAX_DELIVERIES_MAX = 1000  # beyond this a poison message should have been dead-lettered long ago

@@ -45,7 +45,9 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-ENTRIES_IN_FLIGHT_MAX = 16  # Raft entries proposed and not yet applied; more waiting = bigger batches
+ENTRIES_IN_FLIGHT_MAX = (
+    16  # Raft entries proposed and not yet applied; more waiting = bigger batches
+)
 ENTRY_FORGOTTEN_S = 10.0  # an in-flight entry with no callback after this stops counting
 
 
@@ -126,7 +128,7 @@ class _RaftNode(SyncObj):  # type: ignore[misc]
         self._apply_text = apply_text
         super().__init__(self_address, other_addresses, conf)
 
-    @replicated  # type: ignore[misc]
+    @replicated  # type: ignore[untyped-decorator]
     def apply_entry(self, text: str) -> list[Result] | None:
         # pysyncobj applies entries in order on its tick thread and advances raftLastApplied
         # after this returns, so this entry's index is the next one.
@@ -461,7 +463,9 @@ class Replicator:
         self._raft.destroy_synchronous()
 
 
-def _drain(pending: queue.SimpleQueue[_Proposal | None], carried: _Proposal | None) -> list[_Proposal]:
+def _drain(
+    pending: queue.SimpleQueue[_Proposal | None], carried: _Proposal | None
+) -> list[_Proposal]:
     proposals = [carried] if carried is not None else []
     while True:
         try:

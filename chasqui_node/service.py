@@ -29,10 +29,10 @@ from chasqui_node.commands import (
     Ack,
     Command,
     Consume,
+    Created,
     CreateQueue,
     CreateTopic,
     CreateUser,
-    Created,
     DeleteQueue,
     DeleteTopic,
     Deliveries,
@@ -49,13 +49,13 @@ from chasqui_node.commands import (
     Subscribed,
     Unsubscribe,
     UserCreated,
+    check_name,
 )
 from chasqui_node.errors import (
     AlreadyExists,
     ChasquiError,
     FailedPrecondition,
     InvalidArgument,
-    InvalidName,
     LimitExceeded,
     NoLeader,
     NotFound,
@@ -78,10 +78,9 @@ T = TypeVar("T")
 
 LEADER_METADATA_KEY = "chasqui-leader"
 
-# One table from domain error to status; the most specific class wins (checked in order).
+# One table from domain error to status, checked in order (InvalidName and LimitExceeded are
+# InvalidArguments; NotLeader and NoLeader carry their own messages).
 _STATUS_OF: tuple[tuple[type[ChasquiError], grpc.StatusCode], ...] = (
-    (InvalidName, grpc.StatusCode.INVALID_ARGUMENT),
-    (LimitExceeded, grpc.StatusCode.INVALID_ARGUMENT),
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
@@ -96,15 +95,17 @@ _STATUS_OF: tuple[tuple[type[ChasquiError], grpc.StatusCode], ...] = (
     (OutcomeUnknown, grpc.StatusCode.ABORTED),
 )
 
-_KIND_FROM_PB = {pb.TOPIC: Kind.TOPIC, pb.QUEUE: Kind.QUEUE}
+_KIND_FROM_PB: dict[int, Kind] = {pb.TOPIC: Kind.TOPIC, pb.QUEUE: Kind.QUEUE}
 _KIND_TO_PB = {Kind.TOPIC: pb.TOPIC, Kind.QUEUE: pb.QUEUE}
-_START_FROM_PB = {
+_START_FROM_PB: dict[int, StartPosition] = {
     pb.SubscribeRequest.LATEST: StartPosition.LATEST,
     pb.SubscribeRequest.EARLIEST: StartPosition.EARLIEST,
     pb.SubscribeRequest.OFFSET: StartPosition.OFFSET,
 }
-_OVERFLOW_FROM_PB = {pb.REJECT_PUBLISH: Overflow.REJECT_PUBLISH, pb.DROP_HEAD: Overflow.DROP_HEAD}
-_NAME_CHARACTERS = frozenset(limits.NAME_ALPHABET)
+_OVERFLOW_FROM_PB: dict[int, Overflow] = {
+    pb.REJECT_PUBLISH: Overflow.REJECT_PUBLISH,
+    pb.DROP_HEAD: Overflow.DROP_HEAD,
+}
 
 
 class Replication(Protocol):
@@ -125,20 +126,6 @@ def hash_key(key: str) -> str:
     """The only form in which a key is stored or replicated. Keys carry 192 random bits, so
     a plain SHA-256 is enough: there is nothing to brute-force."""
     return hashlib.sha256(key.encode()).hexdigest()
-
-
-def check_name(kind: Kind, name: str) -> None:
-    """Raise InvalidName unless `name` is 1..NAME_BYTES_MAX bytes of [A-Za-z0-9._-]."""
-    size = len(name.encode())
-    if size == 0:
-        raise InvalidName(kind.value, name, "it is empty")
-    if size > limits.NAME_BYTES_MAX:
-        raise InvalidName(
-            kind.value, name[:40] + "...", f"{size} bytes exceeds name_bytes_max {limits.NAME_BYTES_MAX}"
-        )
-    if not _NAME_CHARACTERS.issuperset(name):
-        bad = sorted(set(name) - _NAME_CHARACTERS)[0]
-        raise InvalidName(kind.value, name, f"character {bad!r} is not one of [A-Za-z0-9._-]")
 
 
 def _check_at_most(what: str, value: int, limit_name: str, limit: int) -> None:
@@ -180,7 +167,7 @@ class ChangeBoard:
     def on_applied(self, entry: Entry, results: list[Result]) -> None:
         touched = {
             (command.kind, command.name)
-            for command, result in zip(entry.commands, results)
+            for command, result in zip(entry.commands, results, strict=True)
             if isinstance(command, Publish | Nack) and not isinstance(result, ChasquiError)
         }
         if not touched:
@@ -203,12 +190,14 @@ def _rpc(method: Callable[..., Any]) -> Callable[..., Any]:
         except Exception:
             reference = uuid.uuid4().hex[:8]
             logger.exception("%s failed (ref %s)", method.__name__, reference)
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error (see node log, ref {reference})")
+            context.abort(
+                grpc.StatusCode.INTERNAL, f"internal error (see node log, ref {reference})"
+            )
 
     return handler
 
 
-class BrokerService(pb_grpc.BrokerServicer):  # type: ignore[misc]
+class BrokerService(pb_grpc.BrokerServicer):
     def __init__(
         self,
         replication: Replication,
@@ -243,7 +232,7 @@ class BrokerService(pb_grpc.BrokerServicer):  # type: ignore[misc]
         raise Unauthenticated("no key: send metadata 'authorization: Bearer <key>'")
 
     def _timeout_s(self, context: grpc.ServicerContext) -> float:
-        remaining = context.time_remaining()
+        remaining: float | None = context.time_remaining()
         if remaining is None:
             return self._proposal_timeout_s
         return max(0.05, min(self._proposal_timeout_s, remaining - 0.05))
@@ -334,7 +323,10 @@ class BrokerService(pb_grpc.BrokerServicer):  # type: ignore[misc]
             limits.VISIBILITY_TIMEOUT_MS_MAX,
         )
         _check_at_most(
-            "max deliveries", request.max_deliveries, "max_deliveries_max", limits.MAX_DELIVERIES_MAX
+            "max deliveries",
+            request.max_deliveries,
+            "max_deliveries_max",
+            limits.MAX_DELIVERIES_MAX,
         )
         _check_at_most("max length", request.max_length, "queue_depth_max", limits.QUEUE_DEPTH_MAX)
         _check_at_most(
@@ -513,7 +505,9 @@ class BrokerService(pb_grpc.BrokerServicer):  # type: ignore[misc]
         kind = _kind(request.kind)
         check_name(kind, request.name)
         max_messages = request.max_messages or 1
-        _check_at_most("max_messages", max_messages, "consume_messages_max", limits.CONSUME_MESSAGES_MAX)
+        _check_at_most(
+            "max_messages", max_messages, "consume_messages_max", limits.CONSUME_MESSAGES_MAX
+        )
         if not 0 <= request.timeout_s <= limits.CONSUME_WAIT_S_MAX:
             raise InvalidArgument(
                 f"timeout_s {request.timeout_s} is outside 0..consume_wait_s_max "
@@ -596,7 +590,10 @@ class BrokerService(pb_grpc.BrokerServicer):  # type: ignore[misc]
     def Extend(self, request: pb.ExtendRequest, context: grpc.ServicerContext) -> Any:
         key_hash = self._key_hash(context)
         _check_at_most(
-            "extend_ms", request.extend_ms, "visibility_timeout_ms_max", limits.VISIBILITY_TIMEOUT_MS_MAX
+            "extend_ms",
+            request.extend_ms,
+            "visibility_timeout_ms_max",
+            limits.VISIBILITY_TIMEOUT_MS_MAX,
         )
         extend_ms = request.extend_ms
         commands = self._delivery_commands(

@@ -87,13 +87,13 @@ from chasqui_node.commands import (
     Unsubscribed,
     UserCreated,
     UserInfo,
+    check_name,
 )
 from chasqui_node.errors import (
     AlreadyExists,
     ChasquiError,
     FailedPrecondition,
     InvalidArgument,
-    InvalidName,
     LimitExceeded,
     NotFound,
     PermissionDenied,
@@ -341,19 +341,6 @@ def _dedup_key(incarnation: int, producer_id: str, producer_sequence: int) -> by
 # Stateless checks the edges already made; the state machine asserts them once more.
 
 
-def _check_name(kind: Kind, name: str) -> None:
-    encoded = name.encode("utf-8", errors="surrogatepass")
-    if not 1 <= len(encoded) <= limits.NAME_BYTES_MAX:
-        raise InvalidName(
-            kind.value,
-            name,
-            f"must be 1 to name_bytes_max {limits.NAME_BYTES_MAX} bytes, got {len(encoded)}",
-        )
-    for char in name:
-        if char not in limits.NAME_ALPHABET:
-            raise InvalidName(kind.value, name, f"character {char!r} is not one of [A-Za-z0-9._-]")
-
-
 def _check_int(what: str, value: int, low: int, high: int, limit_name: str) -> None:
     if value < low:
         raise InvalidArgument(f"{what} must be at least {low}, got {value}")
@@ -533,14 +520,14 @@ class _Applier:
         return None if value is None else _decode_meta(_QueueMeta, value)
 
     def existing_topic(self, name: str) -> _TopicMeta:
-        _check_name(Kind.TOPIC, name)
+        check_name(Kind.TOPIC, name)
         meta = self.topic_meta(name)
         if meta is None:
             raise NotFound(f'topic "{name}" does not exist')
         return meta
 
     def existing_queue(self, name: str) -> _QueueMeta:
-        _check_name(Kind.QUEUE, name)
+        check_name(Kind.QUEUE, name)
         meta = self.queue_meta(name)
         if meta is None:
             raise NotFound(f'queue "{name}" does not exist')
@@ -575,7 +562,7 @@ class _Applier:
     # -- topics and queues: create and delete -------------------------------------------------
 
     def create_topic(self, user: UserInfo, command: CreateTopic) -> Result:
-        _check_name(Kind.TOPIC, command.name)
+        check_name(Kind.TOPIC, command.name)
         _check_int("retention_ms", command.retention_ms, 0, INT_MAX // 2, "retention_ms_max")
         _check_int("retention_bytes", command.retention_bytes, 0, INT_MAX, "retention_bytes_max")
         existing = self.topic_meta(command.name)
@@ -600,7 +587,7 @@ class _Applier:
         return Created(Kind.TOPIC, command.name, created=True)
 
     def create_queue(self, user: UserInfo, command: CreateQueue) -> Result:
-        _check_name(Kind.QUEUE, command.name)
+        check_name(Kind.QUEUE, command.name)
         _check_int(
             "visibility_timeout_ms",
             command.visibility_timeout_ms,
@@ -624,7 +611,7 @@ class _Applier:
             "message_ttl_ms_max",
         )
         if command.dead_letter_queue:
-            _check_name(Kind.QUEUE, command.dead_letter_queue)
+            check_name(Kind.QUEUE, command.dead_letter_queue)
         existing = self.queue_meta(command.name)
         if existing is not None:
             if command.exist_ok and existing.owner == user.user_id:

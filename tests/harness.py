@@ -6,6 +6,7 @@ Every process is started by this harness, remembered by PID, and stopped by PID 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -45,7 +46,9 @@ def wait_until(
         except Exception as error:  # the condition may be unreachable for a while
             last_error = error
         time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what} (last error: {last_error})")
+    raise AssertionError(
+        f"timed out after {timeout_s} s waiting for {what} (last error: {last_error})"
+    )
 
 
 def _port_is_free(port: int) -> bool:
@@ -118,27 +121,36 @@ class Cluster:
         self.wait_for_leader()
         return self
 
-    def start_node(self, node_id: str, extra_args: Sequence[str] = ()) -> None:
+    def start_node(
+        self,
+        node_id: str,
+        extra_args: Sequence[str] = (),
+        *,
+        arguments: Sequence[str] | None = None,
+        environment: dict[str, str] | None = None,
+    ) -> None:
+        """Start a node with the usual flags, or with exactly `arguments` after `start`."""
         node = self.nodes[node_id]
         assert not node.alive(), f"{node_id} is already running"
         node.data_dir.mkdir(parents=True, exist_ok=True)
-        log = open(node.log_path, "ab")
-        command = [
-            sys.executable, "-m", "chasqui_node.cli", "start",
-            "--node-id", node_id,
-            "--data-dir", str(node.data_dir),
-            "--cluster", self.cluster_arg,
-            *self.extra_args,
-            *extra_args,
-        ]  # fmt: skip
+        if arguments is None:
+            arguments = [
+                "--node-id", node_id,
+                "--data-dir", str(node.data_dir),
+                "--cluster", self.cluster_arg,
+                *self.extra_args,
+                *extra_args,
+            ]  # fmt: skip
+        command = [sys.executable, "-m", "chasqui_node.cli", "start", *arguments]
         env = {
             **os.environ,
             "PYTHONUNBUFFERED": "1",
             "PYTHONPATH": str(REPO_ROOT),
             "CHASQUI_CLUSTER_SECRET": self.secret,
+            **(environment or {}),
         }
-        node.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        log.close()
+        with open(node.log_path, "ab") as log:
+            node.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
 
     def kill(self, node_id: str, sig: int = signal.SIGKILL) -> None:
         node = self.nodes[node_id]
@@ -180,10 +192,8 @@ class Cluster:
         found: dict[str, Any] = {}
         for node_id, node in self.nodes.items():
             if node.alive():
-                try:
+                with contextlib.suppress(grpc.RpcError):
                     found[node_id] = self.node_status(node_id)
-                except grpc.RpcError:
-                    pass
         return found
 
     def leader_id(self) -> str | None:
@@ -207,7 +217,9 @@ class Cluster:
 
     def followers(self) -> list[str]:
         leader = self.wait_for_leader()
-        return [node_id for node_id, node in self.nodes.items() if node_id != leader and node.alive()]
+        return [
+            node_id for node_id, node in self.nodes.items() if node_id != leader and node.alive()
+        ]
 
     def wait_converged(self, timeout_s: float = 30.0) -> int:
         """Wait until every running node has applied the same index as the leader's commit."""
