@@ -58,7 +58,9 @@ def test_queue_and_topic_round_trip_starting_at_a_follower(cluster: Cluster) -> 
     leader = cluster.wait_for_leader()
     follower = cluster.followers()[0]
     endpoints = [cluster.nodes[follower].client_address] + [
-        address for address in cluster.endpoints if address != cluster.nodes[follower].client_address
+        address
+        for address in cluster.endpoints
+        if address != cluster.nodes[follower].client_address
     ]
     client = Client(endpoints)
     try:
@@ -165,9 +167,7 @@ def test_restart_from_a_snapshot_after_log_compaction(compacting_cluster: Cluste
         cluster.start_node(node_id)
     cluster.wait_for_leader()
     again = cluster.client(key=key)
-    assert sorted(drain_queue(again, "jobs")) == sorted(
-        f"job-{i}".encode() for i in range(20, 120)
-    )
+    assert sorted(drain_queue(again, "jobs")) == sorted(f"job-{i}".encode() for i in range(20, 120))
     assert_identical_state(cluster)
 
 
