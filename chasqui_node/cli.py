@@ -22,8 +22,10 @@ from typing import Any
 import click
 import grpc
 
+from chasqui_node.journal import JournalCorrupt
 from chasqui_node.replication import RaftTimings
 from chasqui_node.server import ConfigError, NodeConfig, create_server, parse_cluster
+from chasqui_node.storage import StorageError
 from chasqui_proto import chasqui_pb2 as pb
 from chasqui_proto import chasqui_pb2_grpc as pb_grpc
 
@@ -160,6 +162,10 @@ def start(
         server, _port = create_server(config)
     except ConfigError as error:
         raise click.UsageError(str(error)) from error
+    except (JournalCorrupt, StorageError) as error:
+        # Serving or voting with a damaged log could lose or invent confirmed messages.
+        logger.critical("refusing to start: %s", error)
+        raise SystemExit(3) from error
 
     def on_signal(signum: int, _frame: Any) -> None:
         logger.info("received %s, shutting down", signal.Signals(signum).name)

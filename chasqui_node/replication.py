@@ -32,12 +32,16 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pysyncobj.syncobj
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj.journal import Journal as PysyncobjJournal
 
 from chasqui_node import limits
 from chasqui_node.commands import Command, Entry, MalformedEntry, Result, decode_entry, encode_entry
 from chasqui_node.commands import encoded_size as command_encoded_size
 from chasqui_node.errors import ChasquiError, NoLeader, NotLeader, OutcomeUnknown, Unavailable
+from chasqui_node.journal import Entry as JournalEntry
+from chasqui_node.journal import Journal, JournalCorrupt, fsync_directory
 from chasqui_node.state_machine import StateMachine, Store
 from chasqui_node.storage import SnapshotCorrupt, Storage, StorageError
 
@@ -113,6 +117,143 @@ def _fail_future(future: Future[list[Result]], error: ChasquiError) -> None:
         future.set_exception(error)
 
 
+class _EntryView(Sequence[JournalEntry]):
+    """A slice of the journal that reads entries only when asked: pysyncobj slices the log
+    from a follower's next index to the end and then stops at a byte budget."""
+
+    def __init__(self, log: _DurableRaftLog, start: int, stop: int) -> None:
+        self._log = log
+        self._start = start
+        self._stop = max(start, stop)
+
+    def __len__(self) -> int:
+        return self._stop - self._start
+
+    def __getitem__(self, item: Any) -> Any:
+        if isinstance(item, slice):
+            return [self[i] for i in range(*item.indices(len(self)))]
+        if item < 0:
+            item += len(self)
+        if not 0 <= item < len(self):
+            raise IndexError(item)
+        return self._log[self._start + item]
+
+    def __iter__(self) -> Any:
+        for position in range(self._start, self._stop):
+            yield self._log[position]
+
+
+class _DurableRaftLog(PysyncobjJournal):  # type: ignore[misc]
+    """pysyncobj's `Journal` interface over Chasqui's fsynced `Journal`.
+
+    Two departures from pysyncobj's own journal, both for durability:
+    - Entries become durable in `sync()`, which the replicator calls before any Raft message
+      leaves the node and at the end of every tick (group commit).
+    - pysyncobj's follower deletes every entry after the leader's `prevLogIdx` even when they
+      match (not only on a term conflict, as Raft requires), then appends the same entries
+      again. Here the delete is deferred: re-appended entries that match what is stored are
+      kept without a rewrite, so an acknowledged entry is never briefly missing from disk.
+      Entries not re-appended are dropped before anyone looks, as pysyncobj expects.
+    """
+
+    def __init__(
+        self, journal: Journal, snapshot_directory: Path, on_fatal: Callable[[str], None]
+    ) -> None:
+        self._journal = journal
+        self._on_fatal = on_fatal
+        self._snapshot_directory = snapshot_directory
+        self._pending_cut: int | None = None  # position of a deferred deleteEntriesFrom
+        self._commit_index = 1
+
+    def _settle(self) -> None:
+        if self._pending_cut is not None:
+            cut, self._pending_cut = self._pending_cut, None
+            self._journal.truncate_from(cut)
+
+    def sync(self) -> None:
+        self._settle()
+        self._journal.sync()
+
+    def add(self, command: bytes, idx: int, term: int) -> None:
+        if self._pending_cut is not None:
+            position = self._pending_cut
+            if position < len(self._journal):
+                stored_command, stored_index, stored_term = self._entry(position)
+                if (stored_index, stored_term, stored_command) == (idx, term, bytes(command)):
+                    self._pending_cut = position + 1
+                    if self._pending_cut >= len(self._journal):
+                        self._pending_cut = None
+                    return
+            self._settle()
+        self._journal.append(bytes(command), idx, term)
+
+    def clear(self) -> None:
+        self._pending_cut = None
+        self._journal.clear()
+
+    def deleteEntriesFrom(self, entryFrom: int) -> None:
+        self._settle()
+        if entryFrom < len(self._journal):
+            self._pending_cut = entryFrom
+
+    def deleteEntriesTo(self, entryTo: int) -> None:
+        # The snapshot covering these entries was renamed into place by pysyncobj without a
+        # directory fsync; make that rename durable before the entries disappear.
+        self._settle()
+        fsync_directory(self._snapshot_directory)
+        self._journal.drop_before(entryTo)
+
+    def __getitem__(self, item: Any) -> Any:
+        self._settle()
+        if isinstance(item, slice):
+            start, stop, step = item.indices(len(self._journal))
+            assert step == 1, "pysyncobj slices the log contiguously"
+            return _EntryView(self, start, stop)
+        return self._entry(item)
+
+    def _entry(self, position: int) -> JournalEntry:
+        try:
+            return self._journal.entry(position)
+        except JournalCorrupt as error:
+            # Serving or voting with a damaged entry could lose confirmed messages: stop.
+            self._on_fatal(str(error))
+            raise
+
+    def __len__(self) -> int:
+        self._settle()
+        return len(self._journal)
+
+    def _destroy(self) -> None:
+        self.sync()
+        self._journal.close()
+
+    def flush(self) -> None:
+        self.sync()
+
+    def setRaftCommitIndex(self, raftCommitIndex: int) -> None:
+        # Not persisted: after a restart the leader tells followers the commit index again,
+        # and applied entries are tracked by the state's own applied index.
+        self._commit_index = raftCommitIndex
+
+    def getRaftCommitIndex(self) -> int:
+        return self._commit_index
+
+    def setCurrentTerm(self, term: int, votedForNodeId: Any) -> None:
+        self._journal.set_term(term, None if votedForNodeId is None else str(votedForNodeId))
+
+    def getCurrentTerm(self) -> int:
+        return self._journal.term
+
+    def getVotedForNodeId(self) -> Any:
+        return self._journal.voted_for
+
+    def onOneSecondTimer(self) -> None:
+        pass
+
+
+_JOURNAL_FACTORY_LOCK = threading.Lock()
+
+
 class _RaftNode(SyncObj):  # type: ignore[misc]
     """pysyncobj's view of the node: one replicated method."""
 
@@ -122,11 +263,32 @@ class _RaftNode(SyncObj):  # type: ignore[misc]
         other_addresses: list[str],
         conf: SyncObjConf,
         apply_text: Callable[[int, str], list[Result] | None],
+        raft_log: _DurableRaftLog,
     ) -> None:
         # Assigned before SyncObj.__init__ so pysyncobj's default serializer would skip it; we
         # use our own serializer anyway, and the state lives in LMDB.
         self._apply_text = apply_text
-        super().__init__(self_address, other_addresses, conf)
+        # pysyncobj builds its journal with the module-level createJournal() inside __init__;
+        # hand it ours instead (its documented replacement point) for the constructor only.
+        with _JOURNAL_FACTORY_LOCK:
+            original = pysyncobj.syncobj.createJournal
+            pysyncobj.syncobj.createJournal = lambda _path: raft_log
+            try:
+                super().__init__(self_address, other_addresses, conf)
+            finally:
+                pysyncobj.syncobj.createJournal = original
+        # Durability point: nothing leaves this node before what it wrote is fsynced. A
+        # follower's append-entries reply and a leader's replication of its own entry both
+        # go through here; the tick callback covers a leader with no one to send to.
+        transport = self._SyncObj__transport
+        send = transport.send
+
+        def send_after_sync(node: Any, message: Any) -> Any:
+            raft_log.sync()
+            return send(node, message)
+
+        transport.send = send_after_sync
+        self.addOnTickCallback(raft_log.sync)
 
     @replicated  # type: ignore[untyped-decorator]
     def apply_entry(self, text: str) -> list[Result] | None:
@@ -153,6 +315,7 @@ class Replicator:
         cluster_secret: str,
         bind_host: str | None = None,
         timings: RaftTimings = RaftTimings(),
+        fsync: bool = True,
         on_applied: Callable[[Entry, list[Result]], None] | None = None,
         on_fatal: Callable[[str], None] | None = None,
     ) -> None:
@@ -178,11 +341,13 @@ class Replicator:
         self._closed = threading.Event()
 
         data_dir.mkdir(parents=True, exist_ok=True)
+        self._raft_log = _DurableRaftLog(
+            Journal(data_dir / "journal", fsync=fsync), data_dir, self._on_fatal
+        )
         raft_port = self._self.raft_address.rsplit(":", 1)[1]
         conf = SyncObjConf(
             password=cluster_secret,
             bindAddress=f"{bind_host or self._self.raft_address.rsplit(':', 1)[0]}:{raft_port}",
-            journalFile=str(data_dir / "raft.journal"),
             fullDumpFile=str(data_dir / "raft.snapshot"),
             serializer=self._write_snapshot,
             deserializer=self._read_snapshot,
@@ -200,7 +365,9 @@ class Replicator:
             onStateChanged=self._on_state_changed,
         )
         others = [m.raft_address for m in members if m.node_id != node_id]
-        self._raft = _RaftNode(self._self.raft_address, others, conf, self._apply_text)
+        self._raft = _RaftNode(
+            self._self.raft_address, others, conf, self._apply_text, self._raft_log
+        )
         self._proposer = threading.Thread(
             target=self._propose_loop, name=f"chasqui-proposer-{node_id}", daemon=True
         )

@@ -95,6 +95,7 @@ class NodeServer:
             cluster_secret=config.cluster_secret,
             bind_host=config.bind_host,
             timings=config.timings,
+            fsync=config.fsync,
             on_applied=self.change_board.on_applied,
         )
         self.grpc_server = grpc.server(

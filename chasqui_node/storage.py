@@ -257,6 +257,11 @@ class Storage:
         nothing local is touched then. Runs on the replication thread.
         """
         header, raft_data, copy_offset, copy_bytes = read_snapshot_header(path)
+        # A snapshot received from the leader was written and renamed by pysyncobj without
+        # fsync; the Raft log is cleared after this returns, so make the file durable first.
+        with open(path, "rb") as received:
+            os.fsync(received.fileno())
+        _fsync_dir(Path(path).parent)
         if header["applied_index"] <= self._applied_index:
             return raft_data
         incoming = self._data_dir / "state.incoming"
