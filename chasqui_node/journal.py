@@ -46,6 +46,18 @@ CACHE_ENTRIES = 1024  # newest entries kept decoded in RAM
 Entry = tuple[bytes, int, int]  # (command, index, term), the shape pysyncobj uses
 
 
+SYNC_TRACE_ENV = "CHASQUI_SYNC_TRACE"  # test hook: file that records each synced segment length
+
+
+def _trace_synced(path: Path, size: int) -> None:
+    """For the power-loss test only: record that `path` is durable up to `size` bytes, so the
+    test can discard exactly what was never fsynced after killing every node."""
+    trace = os.environ.get(SYNC_TRACE_ENV)
+    if trace:
+        with open(trace, "a") as out:
+            out.write(f"{path.name} {size}\n")
+
+
 class JournalCorrupt(Exception):
     """The journal fails its checks somewhere other than a torn tail: stop the node."""
 
@@ -282,6 +294,7 @@ class Journal:
             return
         if self._fsync and self._tail_file is not None:
             os.fdatasync(self._tail_file)
+            _trace_synced(self._segment_path(self._segments[-1]), self._tail_size)
         self._dirty = False
 
     def truncate_from(self, position: int) -> None:
@@ -300,6 +313,7 @@ class Journal:
         if self._fsync:
             os.fsync(self._tail_file)  # type: ignore[arg-type]
             fsync_directory(self._directory)
+            _trace_synced(self._segment_path(cut.segment), cut.offset)
         self._dirty = False
 
     def drop_before(self, position: int) -> None:

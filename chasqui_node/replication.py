@@ -43,7 +43,7 @@ from chasqui_node.errors import ChasquiError, NoLeader, NotLeader, OutcomeUnknow
 from chasqui_node.journal import Entry as JournalEntry
 from chasqui_node.journal import Journal, JournalCorrupt, fsync_directory
 from chasqui_node.state_machine import StateMachine, Store
-from chasqui_node.storage import SnapshotCorrupt, Storage, StorageError
+from chasqui_node.storage import SnapshotCorrupt, Storage, StorageError, read_snapshot_header
 
 logger = logging.getLogger(__name__)
 
@@ -157,10 +157,15 @@ class _DurableRaftLog(PysyncobjJournal):  # type: ignore[misc]
     """
 
     def __init__(
-        self, journal: Journal, snapshot_directory: Path, on_fatal: Callable[[str], None]
+        self,
+        journal: Journal,
+        snapshot_directory: Path,
+        on_fatal: Callable[[str], None],
+        applied_index: Callable[[], int] = lambda: 0,
     ) -> None:
         self._journal = journal
         self._on_fatal = on_fatal
+        self._applied_index = applied_index
         self._snapshot_directory = snapshot_directory
         self._pending_cut: int | None = None  # position of a deferred deleteEntriesFrom
         self._commit_index = 1
@@ -168,6 +173,17 @@ class _DurableRaftLog(PysyncobjJournal):  # type: ignore[misc]
     def _settle(self) -> None:
         if self._pending_cut is not None:
             cut, self._pending_cut = self._pending_cut, None
+            if cut < len(self._journal):
+                first_dropped = self._journal.index_at(cut)
+                if first_dropped <= self._applied_index():
+                    # Raft never overwrites committed entries; seeing this means a bug here or
+                    # in pysyncobj, and this replica's state may differ from its peers'.
+                    logger.critical(
+                        "dropping log entries from index %d although entries up to %d are "
+                        "applied: this replica may diverge",
+                        first_dropped,
+                        self._applied_index(),
+                    )
             self._journal.truncate_from(cut)
 
     def sync(self) -> None:
@@ -252,6 +268,19 @@ class _DurableRaftLog(PysyncobjJournal):  # type: ignore[misc]
 
 
 _JOURNAL_FACTORY_LOCK = threading.Lock()
+
+
+class _BenignTruncationFilter(logging.Filter):
+    """pysyncobj logs CRITICAL "truncating already-applied log entries" whenever a leader
+    re-sends entries a follower already holds, before it deletes and re-adds them. The
+    adapter keeps matching entries, so nothing applied is lost; it logs its own CRITICAL
+    ("dropping log entries ... applied") when entries really go. Drop pysyncobj's alarm."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("truncating already-applied log entries")
+
+
+logging.getLogger("pysyncobj.syncobj").addFilter(_BenignTruncationFilter())
 
 
 class _RaftNode(SyncObj):  # type: ignore[misc]
@@ -341,14 +370,22 @@ class Replicator:
         self._closed = threading.Event()
 
         data_dir.mkdir(parents=True, exist_ok=True)
+        snapshot_path = data_dir / "raft.snapshot"
+        if snapshot_path.exists():
+            # Verify before anything starts: a node must not serve or vote on top of a
+            # snapshot it cannot trust (raises SnapshotCorrupt, a StorageError).
+            read_snapshot_header(str(snapshot_path))
         self._raft_log = _DurableRaftLog(
-            Journal(data_dir / "journal", fsync=fsync), data_dir, self._on_fatal
+            Journal(data_dir / "journal", fsync=fsync),
+            data_dir,
+            self._on_fatal,
+            applied_index=lambda: storage.applied_index,
         )
         raft_port = self._self.raft_address.rsplit(":", 1)[1]
         conf = SyncObjConf(
             password=cluster_secret,
             bindAddress=f"{bind_host or self._self.raft_address.rsplit(':', 1)[0]}:{raft_port}",
-            fullDumpFile=str(data_dir / "raft.snapshot"),
+            fullDumpFile=str(snapshot_path),
             serializer=self._write_snapshot,
             deserializer=self._read_snapshot,
             appendEntriesUseBatch=False,
