@@ -118,6 +118,22 @@ class Publish:
 
 
 @dataclass(frozen=True)
+class PublishBatch:
+    """Publish several messages to one queue or topic, all or nothing (ARCHITECTURE promise 5).
+
+    Item i is (`bodies[i]`, `sequences[i]`, `delays_ms[i]`); the three tuples have equal length.
+    A `Publish` is applied as a batch of one, so both share every rule."""
+
+    key_hash: str
+    kind: Kind
+    name: str
+    producer_id: str
+    bodies: tuple[bytes, ...]
+    sequences: tuple[int, ...]
+    delays_ms: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Consume:
     key_hash: str
     kind: Kind
@@ -175,6 +191,7 @@ Command = (
     | Ack
     | Nack
     | Extend
+    | PublishBatch
 )
 
 
@@ -248,6 +265,13 @@ class Receipt:
 
 
 @dataclass(frozen=True)
+class Receipts:
+    """A `PublishBatch` result: one receipt per item, in item order."""
+
+    receipts: tuple[Receipt, ...]
+
+
+@dataclass(frozen=True)
 class Delivery:
     kind: Kind
     name: str
@@ -303,6 +327,7 @@ Result = (
     | Subscribed
     | Unsubscribed
     | Receipt
+    | Receipts
     | Deliveries
     | Done
     | ChasquiError
@@ -325,21 +350,39 @@ _COMMAND_TYPES: tuple[type[Any], ...] = (
     Ack,
     Nack,
     Extend,
+    PublishBatch,
 )
 # Tags are part of the log format: append new types at the end, never reorder.
 _TAG_OF: dict[type[Any], int] = {cls: tag for tag, cls in enumerate(_COMMAND_TYPES)}
-_FIELDS: dict[type[Any], tuple[tuple[str, type[Any]], ...]] = {}
 _SCALARS: dict[str, type[Any]] = {"str": str, "int": int, "bool": bool, "bytes": bytes}
 _ENUMS: dict[str, type[enum.Enum]] = {
     "Kind": Kind,
     "Overflow": Overflow,
     "StartPosition": StartPosition,
 }
-for _cls in _COMMAND_TYPES:
-    _FIELDS[_cls] = tuple(
-        (field.name, _SCALARS.get(str(field.type)) or _ENUMS[str(field.type)])
-        for field in dataclasses.fields(_cls)
-    )
+# Tuple fields of one command are parallel arrays (item i of each belongs together), encoded
+# as JSON lists of the scalar encoding: bytes as base64 strings, ints as numbers.
+_TUPLES: dict[str, type[Any]] = {"tuple[bytes, ...]": bytes, "tuple[int, ...]": int}
+
+
+@dataclass(frozen=True)
+class _Field:
+    name: str
+    value_type: type[Any]  # a scalar or enum type; for a tuple field, its element type
+    is_tuple: bool
+
+
+def _field_of(field: dataclasses.Field[Any]) -> _Field:
+    annotation = str(field.type)
+    if annotation in _TUPLES:
+        return _Field(field.name, _TUPLES[annotation], is_tuple=True)
+    value_type = _SCALARS.get(annotation) or _ENUMS[annotation]
+    return _Field(field.name, value_type, is_tuple=False)
+
+
+_FIELDS: dict[type[Any], tuple[_Field, ...]] = {
+    cls: tuple(_field_of(field) for field in dataclasses.fields(cls)) for cls in _COMMAND_TYPES
+}
 
 ENTRY_FORMAT_VERSION = 1
 
@@ -353,13 +396,28 @@ def _encode_value(value: Any) -> Any:
         return base64.b64encode(value).decode("ascii")
     if isinstance(value, enum.Enum):
         return value.value
+    if isinstance(value, tuple):
+        return [_encode_value(element) for element in value]
     return value
 
 
 def encode_command(command: Command) -> list[Any]:
     return [_TAG_OF[type(command)]] + [
-        _encode_value(getattr(command, name)) for name, _ in _FIELDS[type(command)]
+        _encode_value(getattr(command, field.name)) for field in _FIELDS[type(command)]
     ]
+
+
+def _decode_value(value_type: type[Any], raw: Any) -> Any:
+    """Raises MalformedEntry, binascii.Error, TypeError or ValueError for a wrong value."""
+    if value_type is bytes:
+        if not isinstance(raw, str):
+            raise MalformedEntry(f"base64 text expected, got {type(raw).__name__}")
+        return base64.b64decode(raw, validate=True)
+    if issubclass(value_type, enum.Enum):
+        return value_type(raw)
+    if type(raw) is not value_type:
+        raise MalformedEntry(f"{value_type.__name__} expected, got {type(raw).__name__}")
+    return raw
 
 
 def decode_command(item: Any) -> Command:
@@ -373,18 +431,20 @@ def decode_command(item: Any) -> Command:
     if len(item) != len(fields) + 1:
         raise MalformedEntry(f"{cls.__name__} has {len(item) - 1} fields, expected {len(fields)}")
     values: dict[str, Any] = {}
-    for (name, field_type), raw in zip(fields, item[1:], strict=True):
+    tuple_lengths: set[int] = set()
+    for field, raw in zip(fields, item[1:], strict=True):
         try:
-            if field_type is bytes:
-                values[name] = base64.b64decode(raw, validate=True)
-            elif issubclass(field_type, enum.Enum):
-                values[name] = field_type(raw)
-            elif type(raw) is not field_type:
-                raise MalformedEntry(f"{cls.__name__}.{name} is {type(raw).__name__}")
-            else:
-                values[name] = raw
-        except (binascii.Error, TypeError, ValueError) as error:
-            raise MalformedEntry(f"{cls.__name__}.{name}: {error}") from error
+            if not field.is_tuple:
+                values[field.name] = _decode_value(field.value_type, raw)
+                continue
+            if not isinstance(raw, list):
+                raise MalformedEntry(f"list expected, got {type(raw).__name__}")
+            values[field.name] = tuple(_decode_value(field.value_type, each) for each in raw)
+            tuple_lengths.add(len(raw))
+        except (binascii.Error, TypeError, ValueError) as error:  # MalformedEntry included
+            raise MalformedEntry(f"{cls.__name__}.{field.name}: {error}") from error
+    if len(tuple_lengths) > 1:
+        raise MalformedEntry(f"{cls.__name__} has lists of unequal lengths {sorted(tuple_lengths)}")
     command: Command = cls(**values)
     return command
 
@@ -412,7 +472,20 @@ def decode_entry(text: str) -> Entry:
     return Entry(now_ms=now_ms, commands=tuple(decode_command(item) for item in items))
 
 
+def _base64_size(body: bytes) -> int:
+    return (len(body) + 2) // 3 * 4
+
+
 def encoded_size(command: Command) -> int:
-    """Bytes the command adds to an encoded entry, to keep entries under the chunking size."""
-    body = getattr(command, "body", b"")
-    return 160 + len(getattr(command, "name", "")) + (len(body) * 4 + 2) // 3
+    """An upper bound on the bytes the command adds to an encoded entry (ASCII text names and
+    ids), used to keep entries under the chunking size. A `PublishBatch` counts every body and
+    item; one oversized command still makes an entry of its own."""
+    size = 160 + len(command.key_hash) + len(getattr(command, "name", ""))
+    size += len(getattr(command, "producer_id", ""))
+    if isinstance(command, Publish):
+        size += _base64_size(command.body)
+    elif isinstance(command, PublishBatch):
+        # Per item, generously: the body's quotes, three separators and two integers of up to
+        # 20 characters each (the service fills them from 64-bit proto fields).
+        size += sum(_base64_size(body) + 56 for body in command.bodies)
+    return size

@@ -34,12 +34,17 @@ class InvalidName(InvalidArgument):
 
 
 class LimitExceeded(InvalidArgument):
-    def __init__(self, what: str, value: int, limit_name: str, limit: int) -> None:
-        super().__init__(f"{what} of {value} exceeds {limit_name} {limit}")
+    """`unit` ("bytes", "ms") follows the value when it is a quantity rather than a count:
+    `message of 2097152 bytes exceeds message_bytes_max 1048576`."""
+
+    def __init__(self, what: str, value: int, limit_name: str, limit: int, unit: str = "") -> None:
+        shown = f"{value} {unit}" if unit else f"{value}"
+        super().__init__(f"{what} of {shown} exceeds {limit_name} {limit}")
         self.what = what
         self.value = value
         self.limit_name = limit_name
         self.limit = limit
+        self.unit = unit
 
 
 class NotFound(ChasquiError):
@@ -59,11 +64,21 @@ class FailedPrecondition(ChasquiError):
 
 
 class QueueFull(ChasquiError):
-    def __init__(self, queue_name: str, depth: int, depth_max: int) -> None:
-        super().__init__(f'queue "{queue_name}" is full ({depth} of queue_depth_max {depth_max})')
+    """`adding` is how many new messages the refused publish carried; a batch is refused whole
+    when they do not all fit, even if the queue has room for some."""
+
+    def __init__(self, queue_name: str, depth: int, depth_max: int, adding: int = 1) -> None:
+        message = f'queue "{queue_name}" is full ({depth} of queue_depth_max {depth_max})'
+        if adding > 1:
+            message = (
+                f'queue "{queue_name}" is full for a batch of {adding} new messages '
+                f"({depth} of queue_depth_max {depth_max})"
+            )
+        super().__init__(message)
         self.queue_name = queue_name
         self.depth = depth
         self.depth_max = depth_max
+        self.adding = adding
 
 
 class ResourceExhausted(ChasquiError):

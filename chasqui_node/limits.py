@@ -17,6 +17,10 @@ PUBLISH_BATCH_BYTES_MAX = 4 * 1024 * 1024
 CONSUME_MESSAGES_MAX = 500  # messages handed out by one consume call
 ACK_BATCH_MAX = 1000  # deliveries acked by one call
 GRPC_MESSAGE_BYTES_MAX = PUBLISH_BATCH_BYTES_MAX + 64 * 1024  # headroom for the envelope
+# One consume reply, counting each delivery's body, name, producer id and envelope: what one
+# publish batch carried fits in one reply, and the reply stays under GRPC_MESSAGE_BYTES_MAX.
+CONSUME_BYTES_MAX = PUBLISH_BATCH_BYTES_MAX + 32 * 1024
+DELIVERY_ENVELOPE_BYTES = 64  # a delivery's field tags, lengths and integers, encoded (at most)
 
 CONSUME_WAIT_S_MAX = 60.0  # longest long-poll; longer waits are better as repeated calls
 VISIBILITY_TIMEOUT_MS_DEFAULT = 30_000  # ARCHITECTURE section 2
@@ -47,3 +51,9 @@ KEY_BYTES = 24  # random bytes in a user key (192 bits, above the 128 required)
 
 assert MESSAGE_BYTES_MAX <= PUBLISH_BATCH_BYTES_MAX
 assert PUBLISH_BATCH_BYTES_MAX < GRPC_MESSAGE_BYTES_MAX
+# A consume always returns at least one ready message, so the largest must fit in a reply.
+assert (
+    MESSAGE_BYTES_MAX + NAME_BYTES_MAX + PRODUCER_ID_BYTES_MAX + DELIVERY_ENVELOPE_BYTES
+    <= CONSUME_BYTES_MAX
+)
+assert CONSUME_BYTES_MAX + 16 * 1024 <= GRPC_MESSAGE_BYTES_MAX  # room for the reply's framing

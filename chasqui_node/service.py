@@ -42,7 +42,9 @@ from chasqui_node.commands import (
     Nack,
     Overflow,
     Publish,
+    PublishBatch,
     Receipt,
+    Receipts,
     Result,
     StartPosition,
     Subscribe,
@@ -128,9 +130,9 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def _check_at_most(what: str, value: int, limit_name: str, limit: int) -> None:
+def _check_at_most(what: str, value: int, limit_name: str, limit: int, unit: str = "") -> None:
     if value > limit:
-        raise LimitExceeded(what, value, limit_name, limit)
+        raise LimitExceeded(what, value, limit_name, limit, unit)
 
 
 def _kind(value: int) -> Kind:
@@ -168,7 +170,8 @@ class ChangeBoard:
         touched = {
             (command.kind, command.name)
             for command, result in zip(entry.commands, results, strict=True)
-            if isinstance(command, Publish | Nack) and not isinstance(result, ChasquiError)
+            if isinstance(command, Publish | PublishBatch | Nack)
+            and not isinstance(result, ChasquiError)
         }
         if not touched:
             return
@@ -408,36 +411,21 @@ class BrokerService(pb_grpc.BrokerServicer):
 
     # -- messages ----------------------------------------------------------------------------
 
-    def _publish_command(
-        self,
-        key_hash: str,
-        kind: Kind,
-        name: str,
-        producer_id: str,
-        body: bytes,
-        sequence: int,
-        delay_ms: int,
-    ) -> Publish:
-        _check_at_most("message", len(body), "message_bytes_max", limits.MESSAGE_BYTES_MAX)
+    @staticmethod
+    def _check_message(kind: Kind, body: bytes, delay_ms: int) -> None:
+        _check_at_most("message", len(body), "message_bytes_max", limits.MESSAGE_BYTES_MAX, "bytes")
         _check_at_most("delay_ms", delay_ms, "delay_ms_max", limits.DELAY_MS_MAX)
         if delay_ms and kind is Kind.TOPIC:
             raise InvalidArgument("delay_ms applies to queues only; topics deliver in order")
-        return Publish(
-            key_hash=key_hash,
-            kind=kind,
-            name=name,
-            body=body,
-            producer_id=producer_id,
-            sequence=sequence,
-            delay_ms=delay_ms,
-        )
 
-    def _check_producer(self, producer_id: str) -> None:
+    @staticmethod
+    def _check_producer(producer_id: str) -> None:
         _check_at_most(
             "producer id",
             len(producer_id.encode()),
             "producer_id_bytes_max",
             limits.PRODUCER_ID_BYTES_MAX,
+            "bytes",
         )
 
     @staticmethod
@@ -453,14 +441,15 @@ class BrokerService(pb_grpc.BrokerServicer):
         kind = _kind(request.kind)
         check_name(kind, request.name)
         self._check_producer(request.producer_id)
-        command = self._publish_command(
-            key_hash,
-            kind,
-            request.name,
-            request.producer_id,
-            request.body,
-            request.sequence,
-            request.delay_ms,
+        self._check_message(kind, request.body, request.delay_ms)
+        command = Publish(
+            key_hash=key_hash,
+            kind=kind,
+            name=request.name,
+            body=request.body,
+            producer_id=request.producer_id,
+            sequence=request.sequence,
+            delay_ms=request.delay_ms,
         )
         return pb.PublishResponse(receipt=self._receipt(self._propose(command, context)))
 
@@ -475,29 +464,33 @@ class BrokerService(pb_grpc.BrokerServicer):
             len(request.items),
             "publish_batch_messages_max",
             limits.PUBLISH_BATCH_MESSAGES_MAX,
+            "messages",
         )
+        for item in request.items:
+            self._check_message(kind, item.body, item.delay_ms)
         _check_at_most(
-            "batch bytes",
+            "batch",
             sum(len(item.body) for item in request.items),
             "publish_batch_bytes_max",
             limits.PUBLISH_BATCH_BYTES_MAX,
+            "bytes",
         )
-        commands: list[Command] = [
-            self._publish_command(
-                key_hash,
-                kind,
-                request.name,
-                request.producer_id,
-                item.body,
-                item.sequence,
-                item.delay_ms,
-            )
-            for item in request.items
-        ]
-        results = self._replication.propose_many(commands, self._timeout_s(context))
-        # The batch shares one entry, so refusals come from state (auth, not found, full):
-        # report the first; receipts of the accepted ones are kept by dedup for a retry.
-        return pb.PublishBatchResponse(receipts=[self._receipt(result) for result in results])
+        # One command, applied all or nothing: a refusal (unknown queue, queue full) leaves
+        # nothing behind, and a retry of an accepted batch gets every receipt back.
+        command = PublishBatch(
+            key_hash=key_hash,
+            kind=kind,
+            name=request.name,
+            producer_id=request.producer_id,
+            bodies=tuple(item.body for item in request.items),
+            sequences=tuple(item.sequence for item in request.items),
+            delays_ms=tuple(item.delay_ms for item in request.items),
+        )
+        result = self._propose(command, context)
+        assert isinstance(result, Receipts)
+        return pb.PublishBatchResponse(
+            receipts=[self._receipt(receipt) for receipt in result.receipts]
+        )
 
     @_rpc
     def Consume(self, request: pb.ConsumeRequest, context: grpc.ServicerContext) -> Any:

@@ -51,7 +51,7 @@ import bisect
 import dataclasses
 import json
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -76,8 +76,10 @@ from chasqui_node.commands import (
     Nack,
     Overflow,
     Publish,
+    PublishBatch,
     QueueInfo,
     Receipt,
+    Receipts,
     Result,
     StartPosition,
     Subscribe,
@@ -105,6 +107,7 @@ from chasqui_node.errors import (
 # Integers that reach keys, struct fields or clock arithmetic stay below this.
 INT_MAX = 2**63 - 1
 _SCAN_PAGE = 1000
+_TOPIC_PAGE = 16  # topic messages read per scan while consuming (bodies up to 1 MiB each)
 
 
 class Store(Protocol):
@@ -288,6 +291,16 @@ class _QueueMessage:
         return _QueueMessage(publish_time, visible_at, count, leased, producer, body)
 
 
+@dataclass(frozen=True)
+class _NewMessage:
+    """A batch item that is not a duplicate, with the sequence or offset it will be given."""
+
+    body: bytes
+    delay_ms: int
+    dedup_key: bytes  # b"" without a producer id
+    position: int
+
+
 @dataclass
 class _Cursor:
     """A topic subscription: `acked` is the next offset not yet acked, `delivered` the next not
@@ -341,11 +354,16 @@ def _dedup_key(incarnation: int, producer_id: str, producer_sequence: int) -> by
 # Stateless checks the edges already made; the state machine asserts them once more.
 
 
-def _check_int(what: str, value: int, low: int, high: int, limit_name: str) -> None:
+def _check_int(what: str, value: int, low: int, high: int, limit_name: str, unit: str = "") -> None:
     if value < low:
         raise InvalidArgument(f"{what} must be at least {low}, got {value}")
     if value > high:
-        raise LimitExceeded(what, value, limit_name, high)
+        raise LimitExceeded(what, value, limit_name, high, unit)
+
+
+def _reply_bytes(name: str, producer_id: str, body: bytes) -> int:
+    """What one delivery adds to a consume reply, at most; compared with CONSUME_BYTES_MAX."""
+    return len(body) + len(name) + len(producer_id.encode()) + limits.DELIVERY_ENVELOPE_BYTES
 
 
 def _check_sequence(what: str, value: int) -> None:
@@ -460,6 +478,7 @@ class _Applier:
             Subscribe: self.subscribe,
             Unsubscribe: self.unsubscribe,
             Publish: self.publish,
+            PublishBatch: self.publish_batch,
             Consume: self.consume,
             Ack: self.ack,
             Nack: self.nack,
@@ -564,7 +583,9 @@ class _Applier:
     def create_topic(self, user: UserInfo, command: CreateTopic) -> Result:
         check_name(Kind.TOPIC, command.name)
         _check_int("retention_ms", command.retention_ms, 0, INT_MAX // 2, "retention_ms_max")
-        _check_int("retention_bytes", command.retention_bytes, 0, INT_MAX, "retention_bytes_max")
+        _check_int(
+            "retention_bytes", command.retention_bytes, 0, INT_MAX, "retention_bytes_max", "bytes"
+        )
         existing = self.topic_meta(command.name)
         if existing is not None:
             if command.exist_ok and existing.owner == user.user_id:
@@ -704,7 +725,64 @@ class _Applier:
     # -- publish ------------------------------------------------------------------------------
 
     def publish(self, user: UserInfo, command: Publish) -> Result:
-        _check_int("message", len(command.body), 0, limits.MESSAGE_BYTES_MAX, "message_bytes_max")
+        """A single publish is a batch of one: both follow exactly the same rules."""
+        batch = PublishBatch(
+            key_hash=command.key_hash,
+            kind=command.kind,
+            name=command.name,
+            producer_id=command.producer_id,
+            bodies=(command.body,),
+            sequences=(command.sequence,),
+            delays_ms=(command.delay_ms,),
+        )
+        [receipt] = self.publish_batch(user, batch).receipts
+        return receipt
+
+    def publish_batch(self, user: UserInfo, command: PublishBatch) -> Receipts:
+        """All or nothing (ARCHITECTURE promise 5): every item is validated, then the
+        destination, deduplication and room for the new items are checked for the batch as a
+        whole; only then is anything written. Duplicates answer with their original receipt
+        and take no room."""
+        self.check_batch(command)
+        if command.kind is Kind.TOPIC:
+            return self.publish_topic(user, command)
+        return self.publish_queue(user, command)
+
+    def check_batch(self, command: PublishBatch) -> None:
+        count = len(command.bodies)
+        if not len(command.sequences) == len(command.delays_ms) == count:
+            raise InvalidArgument(
+                f"a publish batch needs one sequence and one delay per body: got {count} "
+                f"bodies, {len(command.sequences)} sequences and {len(command.delays_ms)} delays"
+            )
+        _check_int(
+            "batch",
+            count,
+            0,
+            limits.PUBLISH_BATCH_MESSAGES_MAX,
+            "publish_batch_messages_max",
+            "messages",
+        )
+        for body, sequence, delay_ms in zip(
+            command.bodies, command.sequences, command.delays_ms, strict=True
+        ):
+            _check_int(
+                "message", len(body), 0, limits.MESSAGE_BYTES_MAX, "message_bytes_max", "bytes"
+            )
+            _check_sequence("sequence", sequence)
+            _check_int("delay_ms", delay_ms, 0, limits.DELAY_MS_MAX, "delay_ms_max")
+            if delay_ms and command.kind is Kind.TOPIC:
+                raise InvalidArgument(
+                    "delay_ms applies to queues only; topic messages are visible at once"
+                )
+        _check_int(
+            "batch",
+            sum(len(body) for body in command.bodies),
+            0,
+            limits.PUBLISH_BATCH_BYTES_MAX,
+            "publish_batch_bytes_max",
+            "bytes",
+        )
         try:
             producer = command.producer_id.encode()
         except UnicodeEncodeError as error:
@@ -715,23 +793,17 @@ class _Applier:
             0,
             limits.PRODUCER_ID_BYTES_MAX,
             "producer_id_bytes_max",
+            "bytes",
         )
-        _check_sequence("sequence", command.sequence)
-        _check_int("delay_ms", command.delay_ms, 0, limits.DELAY_MS_MAX, "delay_ms_max")
-        if command.kind is Kind.TOPIC:
-            if command.delay_ms:
-                raise InvalidArgument(
-                    "delay_ms applies to queues only; topic messages are visible at once"
-                )
-            return self.publish_topic(user, command)
-        return self.publish_queue(user, command)
 
-    def find_duplicate(self, incarnation: int, command: Publish) -> tuple[bytes, int | None]:
+    def find_duplicate(
+        self, incarnation: int, producer_id: str, producer_sequence: int
+    ) -> tuple[bytes, int | None]:
         """The dedup key and, when this publish was already applied within the window, the
         sequence or offset it was given."""
-        if not command.producer_id:
+        if not producer_id:
             return b"", None
-        key = _dedup_key(incarnation, command.producer_id, command.sequence)
+        key = _dedup_key(incarnation, producer_id, producer_sequence)
         value = self.store.get(key)
         if value is None:
             return key, None
@@ -740,6 +812,31 @@ class _Applier:
             return key, None  # expired but not purged yet: publish anew
         assigned: int = sequence
         return key, assigned
+
+    def plan_batch(
+        self, incarnation: int, command: PublishBatch, next_position: int
+    ) -> tuple[list[Receipt], list[_NewMessage]]:
+        """Every item's receipt, and the items that are new with the sequence or offset each
+        will get. Writes nothing. An item repeating an earlier item of the same batch is a
+        duplicate of that item."""
+        receipts: list[Receipt] = []
+        new_messages: list[_NewMessage] = []
+        planned: dict[bytes, int] = {}
+        for body, sequence, delay_ms in zip(
+            command.bodies, command.sequences, command.delays_ms, strict=True
+        ):
+            dedup_key, original = self.find_duplicate(incarnation, command.producer_id, sequence)
+            if original is None and dedup_key:
+                original = planned.get(dedup_key)
+            if original is not None:
+                receipts.append(Receipt(command.kind, command.name, original, duplicate=True))
+                continue
+            position = next_position + len(new_messages)
+            if dedup_key:
+                planned[dedup_key] = position
+            new_messages.append(_NewMessage(body, delay_ms, dedup_key, position))
+            receipts.append(Receipt(command.kind, command.name, position, duplicate=False))
+        return receipts, new_messages
 
     def remember_publish(self, dedup_key: bytes, sequence: int) -> None:
         if not dedup_key:
@@ -751,41 +848,46 @@ class _Applier:
         self.store.put(dedup_key, _DEDUP.pack(sequence, expires_at_ms))
         self.store.put(_P_DEDUP_EXPIRY + _u64(expires_at_ms) + dedup_key[1:], b"")
 
-    def publish_topic(self, user: UserInfo, command: Publish) -> Result:
+    def publish_topic(self, user: UserInfo, command: PublishBatch) -> Receipts:
         topic = self.existing_topic(command.name)
         _authorize(user, "publish", Kind.TOPIC, command.name, topic.owner)
-        dedup_key, original = self.find_duplicate(topic.incarnation, command)
-        if original is not None:
-            return Receipt(Kind.TOPIC, command.name, original, duplicate=True)
-        offset = topic.next_offset
+        receipts, new_messages = self.plan_batch(topic.incarnation, command, topic.next_offset)
         producer = command.producer_id.encode()
         header = _TOPIC_MESSAGE.pack(self.clock, len(producer))
-        self.store.put(
-            _topic_message_key(topic.incarnation, offset), header + producer + command.body
-        )
-        topic.next_offset += 1
-        topic.stored_bytes += len(command.body)
-        self.purge_topic(topic)
-        self.put_topic_meta(command.name, topic)
-        self.remember_publish(dedup_key, offset)
-        return Receipt(Kind.TOPIC, command.name, offset, duplicate=False)
+        for message in new_messages:
+            offset = topic.next_offset
+            assert offset == message.position, "planned offsets are assigned in order"
+            self.store.put(
+                _topic_message_key(topic.incarnation, offset), header + producer + message.body
+            )
+            topic.next_offset += 1
+            topic.stored_bytes += len(message.body)
+            self.purge_topic(topic)
+            self.remember_publish(message.dedup_key, offset)
+        if new_messages:
+            self.put_topic_meta(command.name, topic)
+        return Receipts(tuple(receipts))
 
-    def publish_queue(self, user: UserInfo, command: Publish) -> Result:
+    def publish_queue(self, user: UserInfo, command: PublishBatch) -> Receipts:
         queue = self.existing_queue(command.name)
         _authorize(user, "publish", Kind.QUEUE, command.name, queue.owner)
-        dedup_key, original = self.find_duplicate(queue.incarnation, command)
-        if original is not None:
-            return Receipt(Kind.QUEUE, command.name, original, duplicate=True)
+        receipts, new_messages = self.plan_batch(queue.incarnation, command, queue.next_sequence)
         depth_max = min(queue.max_length or limits.QUEUE_DEPTH_MAX, limits.QUEUE_DEPTH_MAX)
-        if queue.depth >= depth_max and queue.overflow != Overflow.DROP_HEAD.value:
-            raise QueueFull(command.name, queue.depth, depth_max)
-        while queue.depth >= depth_max:
-            if not self.drop_head(queue):
-                break
-        sequence = self.enqueue(queue, command.producer_id, command.body, command.delay_ms)
-        self.put_queue_meta(command.name, queue)
-        self.remember_publish(dedup_key, sequence)
-        return Receipt(Kind.QUEUE, command.name, sequence, duplicate=False)
+        adding = len(new_messages)
+        if queue.depth + adding > depth_max and queue.overflow != Overflow.DROP_HEAD.value:
+            raise QueueFull(command.name, queue.depth, depth_max, adding)
+        for message in new_messages:
+            # DROP_HEAD makes room one message at a time, as that many single publishes would:
+            # a batch longer than the queue keeps only its own newest messages.
+            while queue.depth >= depth_max:
+                if not self.drop_head(queue):
+                    break
+            sequence = self.enqueue(queue, command.producer_id, message.body, message.delay_ms)
+            assert sequence == message.position, "planned sequences are assigned in order"
+            self.remember_publish(message.dedup_key, sequence)
+        if new_messages:
+            self.put_queue_meta(command.name, queue)
+        return Receipts(tuple(receipts))
 
     # -- queue internals ----------------------------------------------------------------------
 
@@ -869,6 +971,7 @@ class _Applier:
             prefix, limit=command.max_messages + limits.RETENTION_PURGE_PER_COMMAND
         )
         deliveries: list[Delivery] = []
+        reply_bytes = 0
         depth_before = queue.depth
         for key, _ in candidates:
             visible_at_ms, sequence = _read_u64(key, 9), _read_u64(key, 17)
@@ -886,6 +989,9 @@ class _Applier:
                 self.remove_message(queue, sequence, message)
                 self.dead_letter(command.name, queue, message)
                 continue
+            reply_bytes += _reply_bytes(command.name, message.producer_id, message.body)
+            if deliveries and reply_bytes > limits.CONSUME_BYTES_MAX:
+                break  # the reply is full; this message stays ready for the next consume
             message.delivery_count += 1
             message.leased = True
             self.move_visibility(queue, sequence, message, self.clock + visibility_ms)
@@ -920,24 +1026,28 @@ class _Applier:
         before = cursor.encode()
         self.expire_window(cursor, topic)
         visibility_ms = command.visibility_timeout_ms or limits.VISIBILITY_TIMEOUT_MS_DEFAULT
-        start = _topic_message_key(topic.incarnation, cursor.delivered)
-        rows = self.store.scan(start[:9], start, limit=command.max_messages)
         deadline_ms = self.clock + visibility_ms
         deliveries: list[Delivery] = []
-        for row_key, value in rows:
+        reply_bytes = 0
+        for row_key, value in self.topic_rows(topic, cursor.delivered, command.max_messages):
             offset = _read_u64(row_key, 9)
             publish_time_ms, producer_len = _TOPIC_MESSAGE.unpack_from(value)
             header = _TOPIC_MESSAGE.size
+            producer_id = value[header : header + producer_len].decode()
+            body = value[header + producer_len :]
+            reply_bytes += _reply_bytes(command.name, producer_id, body)
+            if deliveries and reply_bytes > limits.CONSUME_BYTES_MAX:
+                break  # the reply is full; the cursor stops before this message
             count = cursor.redeliveries + 1 if offset < cursor.high else 1
             deliveries.append(
                 Delivery(
                     Kind.TOPIC,
                     command.name,
                     offset,
-                    value[header + producer_len :],
+                    body,
                     count,
                     publish_time_ms,
-                    value[header : header + producer_len].decode(),
+                    producer_id,
                     deadline_ms,
                 )
             )
@@ -953,6 +1063,20 @@ class _Applier:
         return Deliveries(tuple(deliveries), next_ready_ms)
 
     # -- topic internals ----------------------------------------------------------------------
+
+    def topic_rows(
+        self, topic: _TopicMeta, offset: int, count_max: int
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """Stored messages from `offset` on, at most `count_max`, read a page at a time so a
+        consume that stops early for size has not loaded hundreds of large bodies."""
+        start = _topic_message_key(topic.incarnation, offset)
+        while count_max > 0:
+            page = self.store.scan(start[:9], start, limit=min(count_max, _TOPIC_PAGE))
+            yield from page
+            if len(page) < min(count_max, _TOPIC_PAGE):
+                return
+            count_max -= len(page)
+            start = page[-1][0] + b"\x00"
 
     def cursor(self, key: bytes, topic_name: str, user: UserInfo) -> _Cursor:
         value = self.store.get(key)

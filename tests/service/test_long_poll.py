@@ -43,6 +43,22 @@ def test_topic_consume_wakes_when_a_message_is_published(broker: Broker, user: M
     assert time.monotonic() - started < 1.5
 
 
+def test_consume_wakes_when_a_batch_is_published(broker: Broker, user: Metadata) -> None:
+    create_queue(broker.stub, user, "orders")
+    items = [{"body": b"late-1"}, {"body": b"late-2"}]
+    request = pb.PublishBatchRequest(kind=pb.QUEUE, name="orders", items=items)
+
+    def run() -> None:
+        time.sleep(0.2)
+        broker.stub.PublishBatch(request, metadata=user, timeout=5)
+
+    threading.Thread(target=run, daemon=True).start()
+    started = time.monotonic()
+    deliveries = consume(broker.stub, user, "orders", max_messages=10, timeout_s=3.0)
+    assert [d.body for d in deliveries] == [b"late-1", b"late-2"]
+    assert time.monotonic() - started < 2.0
+
+
 def test_consume_is_not_woken_by_another_queue(broker: Broker, user: Metadata) -> None:
     create_queue(broker.stub, user, "orders")
     create_queue(broker.stub, user, "returns")

@@ -307,12 +307,6 @@ def test_duplicate_batch_returns_original_receipts(broker: Broker, user: Metadat
 # -- whole refusals ------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="service.py PublishBatch proposes every item and reports the first refusal, so a "
-    "batch that overflows a queue is half-applied (ARCHITECTURE promise 5: nothing is "
-    "half-applied); the accepted items' receipts are lost to the caller",
-)
 def test_batch_that_overflows_a_queue_is_refused_whole(broker: Broker, user: Metadata) -> None:
     create_queue(broker.stub, user, "orders", max_length=2)
     items = [{"body": body, "sequence": n} for n, body in enumerate([b"a", b"b", b"c"])]
@@ -325,12 +319,6 @@ def test_batch_that_overflows_a_queue_is_refused_whole(broker: Broker, user: Met
 # -- responses within the channel limit ----------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Consume bounds a reply by count only: five 1 MiB messages make a reply above "
-    "GRPC_MESSAGE_BYTES_MAX, gRPC fails the send with RESOURCE_EXHAUSTED after the state "
-    "machine leased all five, so they are redelivered later and never reach this caller",
-)
 def test_consume_of_large_messages_stays_under_the_grpc_limit(
     broker: Broker, user: Metadata
 ) -> None:

@@ -161,11 +161,6 @@ def test_message_over_message_bytes_max_is_refused(broker: Broker, user: Metadat
     assert depth(broker.stub, user, "orders") == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="LimitExceeded (errors.py) renders 'message of N exceeds message_bytes_max M': "
-    "the unit 'bytes' required by STYLE.md and used by the client is missing",
-)
 def test_message_over_message_bytes_max_names_its_size_in_bytes(
     broker: Broker, user: Metadata
 ) -> None:

@@ -24,6 +24,7 @@ from chasqui_node.commands import (
     Nack,
     Overflow,
     Publish,
+    PublishBatch,
     StartPosition,
     Subscribe,
     Unsubscribe,
@@ -48,6 +49,8 @@ EVERY_COMMAND: list[Command] = [
     Ack("h", Kind.TOPIC, "news", 3, 1),
     Nack("h", Kind.QUEUE, "jobs", 3, 2, delay_ms=100),
     Extend("h", Kind.QUEUE, "jobs", 3, 2, extend_ms=1000),
+    PublishBatch("h", Kind.QUEUE, "jobs", "p", (b"", bytes(range(256))), (1, 2), (0, 9)),
+    PublishBatch("h", Kind.TOPIC, "news", "", (), (), ()),
 ]
 
 
@@ -72,8 +75,45 @@ def test_encoded_size_covers_the_real_encoding() -> None:
         assert encoded_size(command) >= len(json.dumps(encode_command(command)))
 
 
+def test_batch_encodes_bodies_as_base64_lists() -> None:
+    command = PublishBatch("h", Kind.QUEUE, "jobs", "p", (b"\x00\xff", b"ab"), (1, 2), (0, 5))
+    assert encode_command(command)[5:] == [["AP8=", "YWI="], [1, 2], [0, 5]]
+
+
+def test_encoded_size_covers_commands_at_their_limits() -> None:
+    name = "n" * 200
+    key_hash = "h" * 128
+    producer_id = "p" * 64
+    largest = 2**64 - 1
+    commands: list[Command] = [
+        Publish(key_hash, Kind.QUEUE, name, b"x" * 1000, producer_id, largest, largest),
+        PublishBatch(
+            key_hash,
+            Kind.QUEUE,
+            name,
+            producer_id,
+            (b"x" * 1000,) * 50,
+            (largest,) * 50,
+            (largest,) * 50,
+        ),
+        PublishBatch(key_hash, Kind.QUEUE, name, producer_id, (b"",) * 500, (0,) * 500, (0,) * 500),
+    ]
+    for command in commands:
+        assert encoded_size(command) >= len(json.dumps(encode_command(command)))
+
+
 def _valid_publish() -> list[object]:
     return encode_command(Publish("h", Kind.QUEUE, "jobs", b"body", "p", 1))
+
+
+def _valid_batch() -> list[object]:
+    return encode_command(PublishBatch("h", Kind.QUEUE, "jobs", "p", (b"a", b"b"), (1, 2), (0, 0)))
+
+
+def _batch_with(position: int, value: object) -> str:
+    item = _valid_batch()
+    item[position] = value
+    return json.dumps([1, 0, [item]])
 
 
 MALFORMED_ENTRIES = {
@@ -97,6 +137,17 @@ MALFORMED_ENTRIES = {
     "bad base64 body": json.dumps([1, 0, [[*_valid_publish()[:4], "!!!", "p", 1, 0]]]),
     "unknown enum": json.dumps([1, 0, [[*_valid_publish()[:2], "stream", *_valid_publish()[3:]]]]),
     "int where str": json.dumps([1, 0, [[2, 5, "news"]]]),
+    "batch bodies not a list": _batch_with(5, "YQ=="),
+    "batch sequences not a list": _batch_with(6, 1),
+    "batch body not base64 text": _batch_with(5, ["YQ==", 5]),
+    "batch body bad base64": _batch_with(5, ["YQ==", "!!"]),
+    "batch sequence not int": _batch_with(6, [1, "2"]),
+    "batch sequence bool": _batch_with(6, [1, True]),
+    "batch delay float": _batch_with(7, [0, 0.5]),
+    "batch sequence list nested": _batch_with(6, [[1], [2]]),
+    "batch fewer sequences": _batch_with(6, [1]),
+    "batch more delays": _batch_with(7, [0, 0, 0]),
+    "batch no bodies": _batch_with(5, []),
 }
 
 

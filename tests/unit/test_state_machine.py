@@ -450,7 +450,7 @@ def test_message_size_limit(broker: Broker, size: int, accepted: bool) -> None:
         broker.refused(
             command,
             LimitExceeded,
-            f"message of {size} exceeds message_bytes_max {limits.MESSAGE_BYTES_MAX}",
+            f"message of {size} bytes exceeds message_bytes_max {limits.MESSAGE_BYTES_MAX}",
         )
 
 
@@ -471,7 +471,8 @@ def test_producer_id_size_limit(broker: Broker, size: int, accepted: bool) -> No
         broker.refused(
             command,
             LimitExceeded,
-            f"producer_id of {size} exceeds producer_id_bytes_max {limits.PRODUCER_ID_BYTES_MAX}",
+            f"producer_id of {size} bytes exceeds producer_id_bytes_max "
+            f"{limits.PRODUCER_ID_BYTES_MAX}",
         )
 
 

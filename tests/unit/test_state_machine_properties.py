@@ -37,6 +37,7 @@ from chasqui_node.commands import (
     Nack,
     Overflow,
     Publish,
+    PublishBatch,
     Receipt,
     Result,
     StartPosition,
@@ -80,6 +81,22 @@ PUBLISH = st.builds(
     SMALL,
     st.sampled_from([0, 0, 200]),
 )
+PUBLISH_BATCH = st.builds(
+    lambda key_hash, kind, name, producer_id, items: PublishBatch(
+        key_hash,
+        kind,
+        name,
+        producer_id,
+        tuple(body for body, _, _ in items),
+        tuple(sequence for _, sequence, _ in items),
+        tuple(delay_ms for _, _, delay_ms in items),
+    ),
+    KEYS,
+    KINDS,
+    NAMES,
+    st.sampled_from(["", "p", "q"]),
+    st.lists(st.tuples(st.binary(max_size=3), SMALL, st.sampled_from([0, 0, 200])), max_size=4),
+)
 CONSUME = st.builds(
     Consume, KEYS, KINDS, NAMES, st.sampled_from([0, 1, 2, 3, 3]), st.sampled_from([0, 50, 2000])
 )
@@ -115,7 +132,7 @@ OTHER_COMMANDS: st.SearchStrategy[Command] = st.one_of(
 )
 # Weighted so that histories mostly move messages: hypothesis picks one_of branches about
 # evenly, so the choice of branch is drawn first.
-_WEIGHTED = [PUBLISH] * 4 + [CONSUME] * 3 + [ACK] * 2 + [OTHER_COMMANDS] * 3
+_WEIGHTED = [PUBLISH] * 4 + [PUBLISH_BATCH] * 2 + [CONSUME] * 3 + [ACK] * 2 + [OTHER_COMMANDS] * 3
 COMMANDS: st.SearchStrategy[Command] = st.integers(0, len(_WEIGHTED) - 1).flatmap(
     lambda index: _WEIGHTED[index]
 )
