@@ -58,6 +58,32 @@ def _trace_synced(path: Path, size: int) -> None:
             out.write(f"{path.name} {size}\n")
 
 
+def _valid_record_after(data: bytes, start: int, expected: int) -> bool:
+    """Whether a whole, checksummed record for index `expected` or `expected + 1` begins in
+    `data` from `start` on (the bad record's own index, or the one after it).
+
+    Only looks where the bytes spell one of those indexes, so the scan is a few `find` calls.
+    """
+    for wanted in (expected, expected + 1):
+        for position in _find_all(data, struct.pack(">Q", wanted), start + 8):
+            header_at = position - 8
+            if header_at + _HEADER.size > len(data):
+                continue
+            length, crc, _index, _term = _HEADER.unpack_from(data, header_at)
+            end = header_at + 8 + length
+            fits = _CRC_PART.size <= length <= RECORD_BYTES_MAX and end <= len(data)
+            if fits and zlib.crc32(data[header_at + 8 : end]) == crc:
+                return True
+    return False
+
+
+def _find_all(data: bytes, needle: bytes, start: int) -> Iterator[int]:
+    position = data.find(needle, start)
+    while position != -1:
+        yield position
+        position = data.find(needle, position + 1)
+
+
 class JournalCorrupt(Exception):
     """The journal fails its checks somewhere other than a torn tail: stop the node."""
 
@@ -170,24 +196,25 @@ class Journal:
             problem = None
             if offset + _HEADER.size > len(data):
                 problem = "a record header is cut short"
-                torn = True
             else:
                 length, crc, index, term = _HEADER.unpack_from(data, offset)
                 end = offset + 8 + length
-                torn = end > len(data)
                 if length < _CRC_PART.size or length > RECORD_BYTES_MAX:
                     problem = f"record length {length} is impossible"
-                    torn = all(byte == 0 for byte in data[offset:])  # preallocated zeroes
-                elif torn:
+                elif end > len(data):
                     problem = "a record is cut short"
                 elif zlib.crc32(data[offset + 8 : end]) != crc:
                     problem = "a record fails its CRC"
-                    torn = end == len(data)  # the very last record: a torn write
                 elif expected is not None and index != expected:
                     raise JournalCorrupt(
                         f"{path}: record at offset {offset} has index {index}, expected {expected}"
                     )
             if problem is not None:
+                # A crash in mid-append leaves garbage only at the end: nothing valid follows.
+                # A valid record after the bad one means the damage hit synced data.
+                # The first record of a segment carries the index the file is named after.
+                hint = expected if expected is not None else segment
+                torn = not _valid_record_after(data, offset + 1, hint)
                 if torn and last_segment:
                     logger.warning(
                         "journal %s: %s at offset %d (crash during a write); cutting the tail "

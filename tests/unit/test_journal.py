@@ -283,12 +283,6 @@ def test_flipped_byte_in_middle_record_raises_and_leaves_file_untouched(
     assert segment.read_bytes() == damaged
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG journal.py _scan_segment: a middle record whose length field is damaged so it "
-    "reaches past the end of the last segment is taken for a torn tail, and every valid, "
-    "fsynced record after it is silently cut off instead of raising JournalCorrupt",
-)
 def test_middle_record_length_pointing_past_end_of_file_raises(tmp_path: Path) -> None:
     _, segment, _ = _three_records(tmp_path)
     data = bytearray(segment.read_bytes())
@@ -299,12 +293,6 @@ def test_middle_record_length_pointing_past_end_of_file_raises(tmp_path: Path) -
     assert segment.read_bytes() == bytes(data)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG journal.py _scan_segment: a last record with a bad CRC followed only by zero "
-    "padding (unsynced data not yet written after a crash) raises JournalCorrupt, although "
-    "zeroes alone, or the same record without the padding, are cut as a torn tail",
-)
 def test_bad_last_record_followed_by_zero_padding_is_a_torn_tail(tmp_path: Path) -> None:
     written, segment, last = _three_records(tmp_path)
     data = bytearray(segment.read_bytes())
