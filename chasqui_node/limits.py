@@ -43,6 +43,10 @@ KEY_HASH_CHARS_MAX = 128  # a SHA-256 hex digest is 64; leaves room for a longer
 # Raft entries: pysyncobj sends entries of 64 KiB or more down a slow chunked path (see
 # ARCHITECTURE section 3), so the proposer closes a batch before it reaches this size.
 RAFT_ENTRY_BYTES_TARGET = 48 * 1024
+# A single command can still be larger (a 1 MiB message, a 4 MiB batch: about 5.6 MB encoded).
+# pysyncobj sends an entry of appendEntriesBatchSizeBytes or more down its broken chunked
+# path, so that knob is set above the largest possible entry and such entries go whole.
+RAFT_MESSAGE_BYTES_MAX = 16 * 1024 * 1024
 RAFT_ENTRY_COMMANDS_MAX = 500
 PROPOSAL_TIMEOUT_S_DEFAULT = 5.0  # longest wait for a proposal to commit before ABORTED
 PROPOSALS_IN_FLIGHT_MAX = 10_000  # queued proposals on the leader before RESOURCE_EXHAUSTED

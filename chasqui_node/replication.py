@@ -389,6 +389,7 @@ class Replicator:
             serializer=self._write_snapshot,
             deserializer=self._read_snapshot,
             appendEntriesUseBatch=False,
+            appendEntriesBatchSizeBytes=limits.RAFT_MESSAGE_BYTES_MAX,
             appendEntriesPeriod=timings.heartbeat_s,
             raftMinTimeout=timings.election_timeout_min_s,
             raftMaxTimeout=timings.election_timeout_max_s,

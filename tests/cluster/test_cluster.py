@@ -91,6 +91,24 @@ def test_queue_and_topic_round_trip_starting_at_a_follower(cluster: Cluster) -> 
     assert_identical_state(cluster)
 
 
+def test_large_messages_and_batches_replicate_whole(cluster: Cluster) -> None:
+    """Entries far above pysyncobj's 64 KiB chunking threshold: a 1 MiB message, a 4 MiB
+    batch. They must replicate intact to every node, not through the broken chunked path."""
+    client = cluster.client(call_timeout_s=30)
+    client.create_queue("big")
+    largest = bytes(range(256)) * 4096  # 1 MiB, every byte value
+    assert len(largest) == 1024 * 1024
+    client.publish_queue("big", largest)
+    batch = [bytes([i % 251]) * 8000 for i in range(500)]  # 4,000,000 bytes in one call
+    receipts = client.publish_many_queue("big", batch)
+    assert [r.sequence for r in receipts] == list(range(1, 501))
+    first = client.consume_queue("big", timeout_s=5)
+    assert first is not None and first.body == largest
+    client.ack(first)
+    assert drain_queue(client, "big") == batch
+    assert_identical_state(cluster)
+
+
 def test_sigkill_of_the_leader_loses_nothing_confirmed(cluster: Cluster) -> None:
     client = cluster.client()
     client.create_queue("jobs")
