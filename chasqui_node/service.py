@@ -19,7 +19,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -53,6 +53,7 @@ from chasqui_node.commands import (
     UserCreated,
     check_name,
 )
+from chasqui_node.commands import Consume as ConsumeCommand  # the RPC method shadows the name
 from chasqui_node.errors import (
     AlreadyExists,
     ChasquiError,
@@ -79,6 +80,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 LEADER_METADATA_KEY = "chasqui-leader"
+STREAM_RECHECK_S = 1.0  # an idle stream re-checks leadership and its client this often
 
 # One table from domain error to status, checked in order (InvalidName and LimitExceeded are
 # InvalidArguments; NotLeader and NoLeader carry their own messages).
@@ -179,6 +181,56 @@ class ChangeBoard:
             for key in touched:
                 self._versions[key] = self._versions.get(key, 0) + 1
             self._condition.notify_all()
+
+
+class _Credit:
+    """Deliveries a streaming consumer may still receive: granted by the client, spent by the
+    server, capped at limits.STREAM_CREDIT_MAX so a client cannot make the server lease more
+    than it could ever hold."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._available = 0
+        self.closed = False
+
+    def grant(self, count: int) -> None:
+        with self._condition:
+            self._available = min(self._available + count, limits.STREAM_CREDIT_MAX)
+            self._condition.notify_all()
+
+    def spend(self, count: int) -> None:
+        with self._condition:
+            self._available = max(0, self._available - count)
+
+    def close(self) -> None:
+        with self._condition:
+            self.closed = True
+            self._condition.notify_all()
+
+    def wait_available(self, timeout_s: float) -> int:
+        with self._condition:
+            self._condition.wait_for(lambda: self._available > 0 or self.closed, timeout_s)
+            return 0 if self.closed else self._available
+
+
+def _rpc_stream(method: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
+    """`_rpc` for server-streaming methods: errors raised while streaming end the stream
+    with their status code."""
+
+    @functools.wraps(method)
+    def handler(self: BrokerService, requests: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from method(self, requests, context)
+        except ChasquiError as error:
+            self._abort(context, error)
+        except Exception:
+            reference = uuid.uuid4().hex[:8]
+            logger.exception("%s failed (ref %s)", method.__name__, reference)
+            context.abort(
+                grpc.StatusCode.INTERNAL, f"internal error (see node log, ref {reference})"
+            )
+
+    return handler
 
 
 def _rpc(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -523,18 +575,72 @@ class BrokerService(pb_grpc.BrokerServicer):
         remaining = context.time_remaining()
         if remaining is not None:
             deadline = min(deadline, time.monotonic() + remaining - 0.2)
+        result = self._consume_until(command, deadline, context)
+        return pb.ConsumeResponse(deliveries=[_delivery_pb(d) for d in result.deliveries])
+
+    def _consume_until(
+        self, command: ConsumeCommand, deadline: float, context: grpc.ServicerContext
+    ) -> Deliveries:
+        """Long-poll: propose the consume, and while nothing is ready wait for a publish or
+        nack on that name (or the time a lease or delay ends), until `deadline`."""
         while True:
-            seen = self._changes.version(kind, request.name)
+            seen = self._changes.version(command.kind, command.name)
             result = self._propose(command, context)
             assert isinstance(result, Deliveries)
             left_s = deadline - time.monotonic()
             if result.deliveries or left_s <= 0 or not context.is_active():
-                return pb.ConsumeResponse(deliveries=[_delivery_pb(d) for d in result.deliveries])
+                return result
             if result.next_ready_ms:
                 # Something leased or delayed becomes ready then; look again at that time.
                 left_s = min(left_s, max(0.01, result.next_ready_ms / 1000 - time.time()))
-            self._changes.wait(kind, request.name, seen, left_s)
+            self._changes.wait(command.kind, command.name, seen, left_s)
             self._replication.check_leader()
+
+    @_rpc_stream
+    def ConsumeStream(
+        self, requests: Iterator[pb.ConsumeStreamRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.ConsumeResponse]:
+        key_hash = self._key_hash(context)
+        first = next(requests, None)
+        if first is None:
+            return
+        kind = _kind(first.kind)
+        check_name(kind, first.name)
+        _check_at_most(
+            "visibility timeout",
+            first.visibility_timeout_ms,
+            "visibility_timeout_ms_max",
+            limits.VISIBILITY_TIMEOUT_MS_MAX,
+        )
+        credit = _Credit()
+        credit.grant(first.credit)
+
+        def read_grants() -> None:
+            try:
+                for request in requests:
+                    credit.grant(request.credit)
+            except Exception:  # the client went away; the stream ends below
+                pass
+            finally:
+                credit.close()
+
+        threading.Thread(target=read_grants, name="chasqui-stream-credit", daemon=True).start()
+        while context.is_active() and not credit.closed:
+            available = credit.wait_available(STREAM_RECHECK_S)
+            if not available:
+                self._replication.check_leader()
+                continue
+            command = Consume(
+                key_hash=key_hash,
+                kind=kind,
+                name=first.name,
+                max_messages=min(available, limits.CONSUME_MESSAGES_MAX),
+                visibility_timeout_ms=first.visibility_timeout_ms,
+            )
+            result = self._consume_until(command, time.monotonic() + STREAM_RECHECK_S, context)
+            if result.deliveries:
+                credit.spend(len(result.deliveries))
+                yield pb.ConsumeResponse(deliveries=[_delivery_pb(d) for d in result.deliveries])
 
     def _delivery_commands(
         self, key_hash: str, references: Sequence[Any], build: Callable[..., Command]

@@ -812,6 +812,40 @@ class ConsumeResponse(_message.Message):
 Global___ConsumeResponse: _TypeAlias = ConsumeResponse  # noqa: Y015
 
 @_typing.final
+class ConsumeStreamRequest(_message.Message):
+    """The first request names the queue or topic; every request may grant more credit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    CREDIT_FIELD_NUMBER: _builtins.int
+    VISIBILITY_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    kind: Global___Kind.ValueType
+    """first request only"""
+    name: _builtins.str
+    """first request only"""
+    credit: _builtins.int
+    """how many more deliveries the client can take now"""
+    visibility_timeout_ms: _builtins.int
+    """first request only; queues: 0 uses the queue's own"""
+    def __init__(
+        self,
+        *,
+        kind: Global___Kind.ValueType = ...,
+        name: _builtins.str = ...,
+        credit: _builtins.int = ...,
+        visibility_timeout_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "kind", b"kind", "name", b"name", "visibility_timeout_ms", b"visibility_timeout_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConsumeStreamRequest: _TypeAlias = ConsumeStreamRequest  # noqa: Y015
+
+@_typing.final
 class DeliveryRef(_message.Message):
     """Identifies one delivery of one message, for ack, nack and extend."""
 

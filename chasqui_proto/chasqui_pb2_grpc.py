@@ -99,6 +99,11 @@ class BrokerStub:
                 request_serializer=chasqui__pb2.ConsumeRequest.SerializeToString,
                 response_deserializer=chasqui__pb2.ConsumeResponse.FromString,
                 _registered_method=True)
+        self.ConsumeStream = channel.stream_stream(
+                '/chasqui.v1.Broker/ConsumeStream',
+                request_serializer=chasqui__pb2.ConsumeStreamRequest.SerializeToString,
+                response_deserializer=chasqui__pb2.ConsumeResponse.FromString,
+                _registered_method=True)
         self.Ack = channel.unary_unary(
                 '/chasqui.v1.Broker/Ack',
                 request_serializer=chasqui__pb2.AckRequest.SerializeToString,
@@ -208,6 +213,14 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ConsumeStream(self, request_iterator, context):
+        """Push: the server sends deliveries as they become ready, never more than the credit the
+        client granted (its window of unacked messages). Acks go through Ack as usual.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Ack(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -299,6 +312,11 @@ def add_BrokerServicer_to_server(servicer, server):
             'Consume': grpc.unary_unary_rpc_method_handler(
                     servicer.Consume,
                     request_deserializer=chasqui__pb2.ConsumeRequest.FromString,
+                    response_serializer=chasqui__pb2.ConsumeResponse.SerializeToString,
+            ),
+            'ConsumeStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ConsumeStream,
+                    request_deserializer=chasqui__pb2.ConsumeStreamRequest.FromString,
                     response_serializer=chasqui__pb2.ConsumeResponse.SerializeToString,
             ),
             'Ack': grpc.unary_unary_rpc_method_handler(
@@ -672,6 +690,33 @@ class Broker:
             target,
             '/chasqui.v1.Broker/Consume',
             chasqui__pb2.ConsumeRequest.SerializeToString,
+            chasqui__pb2.ConsumeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConsumeStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/chasqui.v1.Broker/ConsumeStream',
+            chasqui__pb2.ConsumeStreamRequest.SerializeToString,
             chasqui__pb2.ConsumeResponse.FromString,
             options,
             channel_credentials,

@@ -59,6 +59,10 @@ class BrokerStub:
     PublishBatch: _grpc.UnaryUnaryMultiCallable[_chasqui_pb2.PublishBatchRequest, _chasqui_pb2.PublishBatchResponse]
     Consume: _grpc.UnaryUnaryMultiCallable[_chasqui_pb2.ConsumeRequest, _chasqui_pb2.ConsumeResponse]
     """Long-poll: with nothing ready the call is held up to `timeout_s`."""
+    ConsumeStream: _grpc.StreamStreamMultiCallable[_chasqui_pb2.ConsumeStreamRequest, _chasqui_pb2.ConsumeResponse]
+    """Push: the server sends deliveries as they become ready, never more than the credit the
+    client granted (its window of unacked messages). Acks go through Ack as usual.
+    """
     Ack: _grpc.UnaryUnaryMultiCallable[_chasqui_pb2.AckRequest, _chasqui_pb2.AckResponse]
     Nack: _grpc.UnaryUnaryMultiCallable[_chasqui_pb2.NackRequest, _chasqui_pb2.NackResponse]
     Extend: _grpc.UnaryUnaryMultiCallable[_chasqui_pb2.ExtendRequest, _chasqui_pb2.ExtendResponse]
@@ -88,6 +92,10 @@ class BrokerAsyncStub(BrokerStub):
     PublishBatch: _aio.UnaryUnaryMultiCallable[_chasqui_pb2.PublishBatchRequest, _chasqui_pb2.PublishBatchResponse]  # type: ignore[assignment]
     Consume: _aio.UnaryUnaryMultiCallable[_chasqui_pb2.ConsumeRequest, _chasqui_pb2.ConsumeResponse]  # type: ignore[assignment]
     """Long-poll: with nothing ready the call is held up to `timeout_s`."""
+    ConsumeStream: _aio.StreamStreamMultiCallable[_chasqui_pb2.ConsumeStreamRequest, _chasqui_pb2.ConsumeResponse]  # type: ignore[assignment]
+    """Push: the server sends deliveries as they become ready, never more than the credit the
+    client granted (its window of unacked messages). Acks go through Ack as usual.
+    """
     Ack: _aio.UnaryUnaryMultiCallable[_chasqui_pb2.AckRequest, _chasqui_pb2.AckResponse]  # type: ignore[assignment]
     Nack: _aio.UnaryUnaryMultiCallable[_chasqui_pb2.NackRequest, _chasqui_pb2.NackResponse]  # type: ignore[assignment]
     Extend: _aio.UnaryUnaryMultiCallable[_chasqui_pb2.ExtendRequest, _chasqui_pb2.ExtendResponse]  # type: ignore[assignment]
@@ -192,6 +200,16 @@ class BrokerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_chasqui_pb2.ConsumeResponse, _abc.Awaitable[_chasqui_pb2.ConsumeResponse]]:
         """Long-poll: with nothing ready the call is held up to `timeout_s`."""
+
+    @_abc_1.abstractmethod
+    def ConsumeStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_chasqui_pb2.ConsumeStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_chasqui_pb2.ConsumeResponse], _abc.AsyncIterator[_chasqui_pb2.ConsumeResponse]]:
+        """Push: the server sends deliveries as they become ready, never more than the credit the
+        client granted (its window of unacked messages). Acks go through Ack as usual.
+        """
 
     @_abc_1.abstractmethod
     def Ack(

@@ -14,7 +14,9 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def load_generator() -> object:
-    spec = importlib.util.spec_from_file_location("chasqui_generate", ROOT / "proto" / "generate.py")
+    spec = importlib.util.spec_from_file_location(
+        "chasqui_generate", ROOT / "proto" / "generate.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
