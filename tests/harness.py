@@ -76,6 +76,7 @@ class NodeHandle:
     raft_address: str
     data_dir: Path
     process: subprocess.Popen[bytes] | None = None
+    command_prefix: tuple[str, ...] = ()  # e.g. ("ip", "netns", "exec", NAME)
 
     @property
     def log_path(self) -> Path:
@@ -86,23 +87,37 @@ class NodeHandle:
 
 
 class Cluster:
-    """N node processes forming one Raft group on loopback."""
+    """N node processes forming one Raft group: on loopback ports by default, or one node per
+    host address (with a command prefix per node, e.g. to run it in a network namespace)."""
 
     def __init__(
-        self, root: Path, size: int = 3, extra_args: Sequence[str] = (), secret: str = "test-secret"
+        self,
+        root: Path,
+        size: int = 3,
+        extra_args: Sequence[str] = (),
+        secret: str = "test-secret",
+        hosts: Sequence[str] | None = None,
+        command_prefixes: Sequence[Sequence[str]] | None = None,
     ) -> None:
         self.root = root
         self.extra_args = list(extra_args)
         self.secret = secret
-        base = free_port_block(2 * size)
         self.nodes: dict[str, NodeHandle] = {}
+        base = free_port_block(2 * size) if hosts is None else 0
         for index in range(size):
             node_id = f"n{index + 1}"
+            if hosts is None:
+                client_address = f"127.0.0.1:{base + index}"
+                raft_address = f"127.0.0.1:{base + size + index}"
+            else:
+                client_address = f"{hosts[index]}:7100"
+                raft_address = f"{hosts[index]}:7200"
             self.nodes[node_id] = NodeHandle(
                 node_id=node_id,
-                client_address=f"127.0.0.1:{base + index}",
-                raft_address=f"127.0.0.1:{base + size + index}",
+                client_address=client_address,
+                raft_address=raft_address,
                 data_dir=root / node_id,
+                command_prefix=tuple(command_prefixes[index]) if command_prefixes else (),
             )
         self.cluster_arg = ",".join(
             f"{n.node_id}={n.client_address}/{n.raft_address}" for n in self.nodes.values()
@@ -141,7 +156,11 @@ class Cluster:
                 *self.extra_args,
                 *extra_args,
             ]  # fmt: skip
-        command = [sys.executable, "-m", "chasqui_node.cli", "start", *arguments]
+        command = [
+            *node.command_prefix,
+            sys.executable, "-m", "chasqui_node.cli", "start",
+            *arguments,
+        ]  # fmt: skip
         env = {
             **os.environ,
             "PYTHONUNBUFFERED": "1",

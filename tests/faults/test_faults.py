@@ -1,0 +1,134 @@
+"""Jepsen-style fault tests: a real 3-node cluster, clients recording a history, one nemesis
+per test, and a checker that must find zero lost, unexpected, duplicated-after-ack and
+reordered messages and zero divergence between replicas after healing; every queue is drained
+to empty at the end.
+
+`make test` runs each fault for a few seconds (CHASQUI_FAULT_SECONDS, default below);
+`make test-faults` runs each for minutes and prints the table of faults and anomalies.
+Every run prints its seed; CHASQUI_FAULT_SEED=<seed> replays the same random choices.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.faults import netlab
+from tests.faults.checker import Report, table
+from tests.faults.runner import (
+    Nemesis,
+    fault_seconds,
+    kill_leader_loop,
+    kill_random_nodes,
+    pause_follower,
+    pause_leader,
+    run_fault,
+)
+from tests.harness import Cluster
+
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(900)]
+
+SECONDS = fault_seconds(6.0)
+RESULTS: list[tuple[str, Report]] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def print_table() -> Iterator[None]:
+    yield
+    if RESULTS:
+        print("\n\n" + table(RESULTS))
+
+
+def assert_valid(fault: str, report: Report) -> None:
+    RESULTS.append((fault, report))
+    assert report.confirmed > 0, "nothing was confirmed: the fault test proved nothing"
+    assert report.valid, report.summary()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    running = Cluster(tmp_path, extra_args=["--raft-compaction-entries", "100"])
+    try:
+        running.start()
+        yield running
+    finally:
+        running.close()
+
+
+@pytest.mark.parametrize(
+    ("fault", "nemesis"),
+    [
+        ("kill leader (loop)", kill_leader_loop),
+        ("kill random nodes", kill_random_nodes),
+        ("pause leader (zombie)", pause_leader),
+        ("pause follower (snapshot)", pause_follower),
+    ],
+)
+def test_process_faults_lose_nothing(cluster: Cluster, fault: str, nemesis: Nemesis) -> None:
+    assert_valid(fault, run_fault(cluster, nemesis, SECONDS))
+
+
+def test_consumers_killed_holding_leases_lose_nothing(cluster: Cluster) -> None:
+    def quiet(_cluster: Cluster, _rng: random.Random, stop: threading.Event) -> None:
+        stop.wait()
+
+    assert_valid(
+        "consumer killed with leases",
+        run_fault(cluster, quiet, SECONDS, crashing_consumer=True),
+    )
+
+
+# -- partitions, in network namespaces the test creates -----------------------------------
+
+NAMESPACES_OK, NAMESPACES_WHY = netlab.available()
+
+
+@pytest.fixture
+def lab_cluster(tmp_path: Path) -> Iterator[tuple[netlab.NetLab, Cluster]]:
+    if not NAMESPACES_OK:
+        pytest.skip(f"partition tests need network namespaces: {NAMESPACES_WHY}")
+    lab = netlab.NetLab(3)
+    running = Cluster(
+        tmp_path,
+        extra_args=["--raft-compaction-entries", "100"],
+        hosts=lab.hosts,
+        command_prefixes=[lab.prefix(index) for index in range(3)],
+    )
+    try:
+        running.start()
+        yield lab, running
+    finally:
+        running.close()
+        lab.close()
+
+
+def partitions(lab: netlab.NetLab) -> Nemesis:
+    """Cycle through the shapes of a 3-node partition, healing in between."""
+
+    def nemesis(cluster: Cluster, rng: random.Random, stop: threading.Event) -> None:
+        index_of = {node_id: number for number, node_id in enumerate(sorted(cluster.nodes))}
+        while not stop.wait(rng.uniform(0.5, 1.0)):
+            leader = cluster.leader_id()
+            others = [index_of[n] for n in sorted(cluster.nodes) if n != leader]
+            shape = rng.choice(["isolate leader", "halves", "bridge"])
+            if shape == "isolate leader" and leader is not None:
+                lab.partition([[index_of[leader]], others])
+            elif shape == "halves":
+                first = rng.randrange(3)
+                lab.partition([[first], [n for n in range(3) if n != first]])
+            else:  # bridge: two nodes cannot talk, both still reach the third
+                first, second = rng.sample(range(3), 2)
+                lab.cut([(first, second)])
+            stop.wait(rng.uniform(1.5, 3.0))
+            lab.heal()
+
+    return nemesis
+
+
+def test_network_partitions_lose_nothing(lab_cluster: tuple[netlab.NetLab, Cluster]) -> None:
+    lab, cluster = lab_cluster
+    assert_valid("partitions", run_fault(cluster, partitions(lab), SECONDS, heal=lab.heal))
