@@ -24,19 +24,18 @@ Every other status (INVALID_ARGUMENT, NOT_FOUND, ...) is raised at once as its t
 from __future__ import annotations
 
 import itertools
-import random
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import TypeVar
+from typing import TYPE_CHECKING
 
 import grpc
-from google.protobuf.message import Message as ProtoMessage
 
-from chasqui_client import errors, limits
+from chasqui_client import calls, errors, limits, routing
+from chasqui_client.calls import ResponseT, ResultT
+from chasqui_client.calls import split_batches as _split_batches
 from chasqui_client.models import (
     ClusterStatus,
     Kind,
@@ -48,9 +47,14 @@ from chasqui_client.models import (
     TopicInfo,
     WhoAmI,
 )
+from chasqui_client.routing import LEADER_METADATA_KEY
 from chasqui_proto import chasqui_pb2, chasqui_pb2_grpc
 
-LEADER_METADATA_KEY = "chasqui-leader"
+if TYPE_CHECKING:
+    from chasqui_client.publisher import Publisher
+    from chasqui_client.stream import Stream
+
+__all__ = ["LEADER_METADATA_KEY", "Client", "_split_batches"]
 
 _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", limits.GRPC_MESSAGE_BYTES_MAX),
@@ -68,10 +72,6 @@ _SETTLED_STATES = frozenset(
         grpc.ChannelConnectivity.SHUTDOWN,
     }
 )
-_AMBIGUOUS_CODES = (grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED)
-_NAME_ALPHABET = frozenset(limits.NAME_ALPHABET)
-
-ResponseT = TypeVar("ResponseT", bound=ProtoMessage)
 
 
 class _Endpoint:
@@ -123,14 +123,6 @@ class _Endpoint:
         self.channel.close()
 
 
-@dataclass
-class _CallRecord:
-    """What one call has seen so far, for its final error."""
-
-    attempts: dict[str, str] = field(default_factory=dict)
-    ambiguous_error: str | None = None
-
-
 class Client:
     """A connection to a Chasqui cluster as one user.
 
@@ -156,62 +148,60 @@ class Client:
         backoff_max_s: float = limits.BACKOFF_MAX_S,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
-        if isinstance(endpoints, str):
-            raise TypeError("endpoints must be a list of 'host:port' strings, not one string")
-        addresses = list(dict.fromkeys(endpoint.strip() for endpoint in endpoints))
-        if not addresses or not all(addresses):
-            raise ValueError(f"endpoints must be non-empty 'host:port' strings, got {endpoints!r}")
-        if attempt_timeout_s is None:
-            attempt_timeout_s = call_timeout_s
-        if min(call_timeout_s, attempt_timeout_s, connect_timeout_s) <= 0:
-            raise ValueError("call_timeout_s, attempt_timeout_s and connect_timeout_s must be > 0")
-        if not 0 < backoff_initial_s <= backoff_max_s:
-            raise ValueError("backoff_initial_s must be positive and at most backoff_max_s")
+        addresses = routing.check_endpoints(endpoints)
+        self.timing = routing.Timing(
+            call_timeout_s=call_timeout_s,
+            attempt_timeout_s=call_timeout_s if attempt_timeout_s is None else attempt_timeout_s,
+            connect_timeout_s=connect_timeout_s,
+            backoff_initial_s=backoff_initial_s,
+            backoff_max_s=backoff_max_s,
+        )
         self.call_timeout_s = call_timeout_s
-        self.attempt_timeout_s = attempt_timeout_s
+        self.attempt_timeout_s = self.timing.attempt_timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.producer_id = uuid.uuid4().hex
         self._credentials = credentials
         self._lock = threading.Lock()
-        self._addresses: list[str] = addresses
+        self._router = routing.Router(addresses)
         self._endpoints: dict[str, _Endpoint] = {}
-        self._leader: str | None = None
         self._sequences = itertools.count(1)
-        self._closed = False
-        self._random = random.Random()
+        self._closing: list[Stream | Publisher] = []
         self.user_id: str | None = None
         if key is None:
             try:
-                created = self._call(
-                    "CreateUser",
-                    chasqui_pb2.CreateUserRequest(),
-                    chasqui_pb2.CreateUserResponse,
-                    idempotent=False,
-                    authenticated=False,
-                )
+                created = self._run(calls.create_user())
             except BaseException:
                 self.close()
                 raise
             key = created.key
             self.user_id = created.user_id
         self.key: str = key
+        self._metadata = (("authorization", f"Bearer {self.key}"),)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Closes every channel; calls in flight fail and later calls raise `RuntimeError`."""
+        """Closes every channel; calls in flight fail, iterators and streams end, and later
+        calls raise `RuntimeError`. Publishers still open fail their pending futures."""
         with self._lock:
-            self._closed = True
+            self._router.close()
             endpoints = list(self._endpoints.values())
             self._endpoints.clear()
+            closing, self._closing = self._closing, []
+        for resource in closing:
+            resource.abort()
         # Closing a watched channel waits for gRPC's connectivity poll (up to 0.2 s): in parallel.
         closers = [threading.Thread(target=endpoint.close, daemon=True) for endpoint in endpoints]
         for closer in closers:
             closer.start()
         for closer in closers:
             closer.join()
+
+    @property
+    def closed(self) -> bool:
+        return self._router.closed
 
     def __enter__(self) -> Client:
         return self
@@ -227,33 +217,23 @@ class Client:
     @property
     def endpoints(self) -> list[str]:
         """Known endpoints, in the order rounds try them (leader hints may have added some)."""
-        with self._lock:
-            return list(self._addresses)
+        return self._router.addresses
 
     @property
     def leader(self) -> str | None:
         """The endpoint believed to be the leader, or None until one answered."""
-        with self._lock:
-            return self._leader
+        return self._router.leader
 
     # ---- users and cluster -----------------------------------------------------------------
 
     def whoami(self) -> WhoAmI:
-        response = self._call(
-            "WhoAmI", chasqui_pb2.WhoAmIRequest(), chasqui_pb2.WhoAmIResponse, idempotent=True
-        )
-        self.user_id = response.user_id
-        return WhoAmI(user_id=response.user_id, admin=response.admin)
+        identity = self._run(calls.whoami())
+        self.user_id = identity.user_id
+        return identity
 
     def cluster_status(self) -> ClusterStatus:
         """The view of whichever node answers first (any node answers, not only the leader)."""
-        response = self._call(
-            "ClusterStatus",
-            chasqui_pb2.ClusterStatusRequest(),
-            chasqui_pb2.ClusterStatusResponse,
-            idempotent=True,
-        )
-        return ClusterStatus.from_proto(response)
+        return self._run(calls.cluster_status())
 
     # ---- topics and queues -----------------------------------------------------------------
 
@@ -274,80 +254,34 @@ class Client:
         `None`/0 mean the defaults: visibility timeout 30 s, unlimited deliveries, no dead-letter
         queue, the cluster's queue_depth_max, no TTL.
         """
-        _check_name("queue", name)
-        if dead_letter_queue:
-            _check_name("queue", dead_letter_queue)
-        _check_range(
-            "max_deliveries", max_deliveries, "max_deliveries_max", limits.MAX_DELIVERIES_MAX
+        return self._run(
+            calls.create_queue(
+                name,
+                exist_ok,
+                visibility_timeout_s=visibility_timeout_s,
+                max_deliveries=max_deliveries,
+                dead_letter_queue=dead_letter_queue,
+                max_length=max_length,
+                overflow=overflow,
+                message_ttl_s=message_ttl_s,
+            )
         )
-        if max_length < 0:
-            raise errors.InvalidArgument(f"max_length of {max_length} must not be negative")
-        try:
-            overflow_value = Overflow(overflow)
-        except ValueError:
-            choices = ", ".join(repr(choice.value) for choice in Overflow)
-            raise errors.InvalidArgument(
-                f"overflow {overflow!r} is invalid: must be one of {choices}"
-            ) from None
-        request = chasqui_pb2.CreateQueueRequest(
-            name=name,
-            exist_ok=exist_ok,
-            visibility_timeout_ms=_optional_ms(
-                "visibility_timeout", visibility_timeout_s, limits.VISIBILITY_TIMEOUT_MS_MAX
-            ),
-            max_deliveries=max_deliveries,
-            dead_letter_queue=dead_letter_queue,
-            max_length=max_length,
-            overflow=(
-                chasqui_pb2.DROP_HEAD
-                if overflow_value is Overflow.DROP_HEAD
-                else chasqui_pb2.REJECT_PUBLISH
-            ),
-            message_ttl_ms=_optional_ms("message_ttl", message_ttl_s, limits.MESSAGE_TTL_MS_MAX),
-        )
-        return self._call(
-            "CreateQueue", request, chasqui_pb2.CreateQueueResponse, idempotent=exist_ok
-        ).created
 
     def create_topic(self, name: str, exist_ok: bool = False) -> bool:
         """Creates a topic; returns False when `exist_ok` found it already there."""
-        _check_name("topic", name)
-        request = chasqui_pb2.CreateTopicRequest(name=name, exist_ok=exist_ok)
-        return self._call(
-            "CreateTopic", request, chasqui_pb2.CreateTopicResponse, idempotent=exist_ok
-        ).created
+        return self._run(calls.create_topic(name, exist_ok))
 
     def delete_queue(self, name: str) -> None:
-        _check_name("queue", name)
-        self._call(
-            "DeleteQueue",
-            chasqui_pb2.DeleteQueueRequest(name=name),
-            chasqui_pb2.DeleteQueueResponse,
-            idempotent=False,
-        )
+        self._run(calls.delete_queue(name))
 
     def delete_topic(self, name: str) -> None:
-        _check_name("topic", name)
-        self._call(
-            "DeleteTopic",
-            chasqui_pb2.DeleteTopicRequest(name=name),
-            chasqui_pb2.DeleteTopicResponse,
-            idempotent=False,
-        )
+        self._run(calls.delete_topic(name))
 
     def list_queues(self, owned_only: bool = False) -> list[QueueInfo]:
-        request = chasqui_pb2.ListQueuesRequest(owned_only=owned_only)
-        response = self._call(
-            "ListQueues", request, chasqui_pb2.ListQueuesResponse, idempotent=True
-        )
-        return [QueueInfo.from_proto(info) for info in response.queues]
+        return self._run(calls.list_queues(owned_only))
 
     def list_topics(self, owned_only: bool = False) -> list[TopicInfo]:
-        request = chasqui_pb2.ListTopicsRequest(owned_only=owned_only)
-        response = self._call(
-            "ListTopics", request, chasqui_pb2.ListTopicsResponse, idempotent=True
-        )
-        return [TopicInfo.from_proto(info) for info in response.topics]
+        return self._run(calls.list_topics(owned_only))
 
     # ---- subscriptions ---------------------------------------------------------------------
 
@@ -357,48 +291,22 @@ class Client:
         `start`: "latest" (messages published from now on), "earliest" (the oldest retained) or
         "offset" (`offset`, clamped to what is retained).
         """
-        _check_name("topic", name)
-        try:
-            start_value = Start(start)
-        except ValueError:
-            choices = ", ".join(repr(choice.value) for choice in Start)
-            raise errors.InvalidArgument(
-                f"start {start!r} is invalid: must be one of {choices}"
-            ) from None
-        if offset < 0:
-            raise errors.InvalidArgument(f"offset of {offset} must not be negative")
-        start_proto = {
-            Start.LATEST: chasqui_pb2.SubscribeRequest.LATEST,
-            Start.EARLIEST: chasqui_pb2.SubscribeRequest.EARLIEST,
-            Start.OFFSET: chasqui_pb2.SubscribeRequest.OFFSET,
-        }[start_value]
-        request = chasqui_pb2.SubscribeRequest(
-            kind=chasqui_pb2.TOPIC, name=name, start=start_proto, offset=offset
-        )
-        return self._call(
-            "Subscribe", request, chasqui_pb2.SubscribeResponse, idempotent=False
-        ).offset
+        return self._run(calls.subscribe_topic(name, start, offset))
 
     def subscribe_queue(self, name: str) -> None:
-        _check_name("queue", name)
-        request = chasqui_pb2.SubscribeRequest(kind=chasqui_pb2.QUEUE, name=name)
-        self._call("Subscribe", request, chasqui_pb2.SubscribeResponse, idempotent=False)
+        self._run(calls.subscribe_queue(name))
 
     def unsubscribe_topic(self, name: str) -> None:
-        _check_name("topic", name)
-        request = chasqui_pb2.UnsubscribeRequest(kind=chasqui_pb2.TOPIC, name=name)
-        self._call("Unsubscribe", request, chasqui_pb2.UnsubscribeResponse, idempotent=False)
+        self._run(calls.unsubscribe(Kind.TOPIC, name))
 
     def unsubscribe_queue(self, name: str) -> None:
-        _check_name("queue", name)
-        request = chasqui_pb2.UnsubscribeRequest(kind=chasqui_pb2.QUEUE, name=name)
-        self._call("Unsubscribe", request, chasqui_pb2.UnsubscribeResponse, idempotent=False)
+        self._run(calls.unsubscribe(Kind.QUEUE, name))
 
     # ---- publishing ------------------------------------------------------------------------
 
     def publish_queue(self, name: str, body: bytes | str, *, delay_s: float = 0) -> Receipt:
         """Publishes one message to a queue, deliverable no earlier than `delay_s` from now."""
-        return self._publish(Kind.QUEUE, name, body, _delay_ms("delay", delay_s))
+        return self._publish(Kind.QUEUE, name, body, calls.delay_ms("delay", delay_s))
 
     def publish_topic(self, name: str, body: bytes | str) -> Receipt:
         """Publishes one message to a topic."""
@@ -412,56 +320,46 @@ class Client:
         They travel in PublishBatch calls of at most 500 messages and 4 MiB. If a later batch
         fails, the earlier ones are already committed and the exception says nothing of them.
         """
-        return self._publish_many(Kind.QUEUE, name, bodies, _delay_ms("delay", delay_s))
+        return self._publish_many(Kind.QUEUE, name, bodies, calls.delay_ms("delay", delay_s))
 
     def publish_many_topic(self, name: str, bodies: Iterable[bytes | str]) -> list[Receipt]:
         """Publishes many messages to a topic; see `publish_many_queue`."""
         return self._publish_many(Kind.TOPIC, name, bodies, 0)
 
+    def publisher(
+        self,
+        name: str,
+        kind: Kind | str = Kind.QUEUE,
+        *,
+        window: int = limits.PUBLISHER_WINDOW_DEFAULT,
+        linger_s: float = limits.PUBLISHER_LINGER_S_DEFAULT,
+    ) -> Publisher:
+        """A pipelined publisher to one queue or topic: `publish(body)` returns a future at once
+        and messages travel in PublishBatch calls; see `chasqui_client.publisher.Publisher`."""
+        from chasqui_client.publisher import Publisher
+
+        publisher = Publisher(self, Kind(kind), name, window=window, linger_s=linger_s)
+        self._track(publisher)
+        return publisher
+
     def _publish(self, kind: Kind, name: str, body: bytes | str, delay_ms: int) -> Receipt:
-        _check_name(kind.value, name)
-        payload = _encode_body(body)
-        # The id is fixed once, before the first attempt: every retry must repeat it exactly.
-        request = chasqui_pb2.PublishRequest(
-            kind=kind.to_proto(),
-            name=name,
-            body=payload,
-            producer_id=self.producer_id,
-            sequence=self._next_sequences(1),
-            delay_ms=delay_ms,
-        )
-        return Receipt.from_proto(
-            self._call("Publish", request, chasqui_pb2.PublishResponse, idempotent=True).receipt
-        )
+        calls.check_name(kind.value, name)
+        payload = calls.encode_body(body)
+        sequence = self._next_sequences(1)
+        return self._run(calls.publish(kind, name, payload, delay_ms, self.producer_id, sequence))
 
     def _publish_many(
         self, kind: Kind, name: str, bodies: Iterable[bytes | str], delay_ms: int
     ) -> list[Receipt]:
-        _check_name(kind.value, name)
-        payloads = [_encode_body(body) for body in bodies]
+        calls.check_name(kind.value, name)
+        payloads = [calls.encode_body(body) for body in bodies]
         receipts: list[Receipt] = []
         for batch in _split_batches(payloads):
-            first_sequence = self._next_sequences(len(batch))
-            request = chasqui_pb2.PublishBatchRequest(
-                kind=kind.to_proto(),
-                name=name,
-                producer_id=self.producer_id,
-                items=[
-                    chasqui_pb2.PublishBatchRequest.Item(
-                        body=payload, sequence=first_sequence + index, delay_ms=delay_ms
-                    )
-                    for index, payload in enumerate(batch)
-                ],
-            )
-            response = self._call(
-                "PublishBatch", request, chasqui_pb2.PublishBatchResponse, idempotent=True
-            )
-            if len(response.receipts) != len(batch):
-                raise errors.Internal(
-                    f"PublishBatch of {len(batch)} messages answered "
-                    f"{len(response.receipts)} receipts"
-                )
-            receipts.extend(Receipt.from_proto(receipt) for receipt in response.receipts)
+            first = self._next_sequences(len(batch))
+            sequences = list(range(first, first + len(batch)))
+            call = calls.publish_batch(kind, name, batch, delay_ms, self.producer_id, sequences)
+            batch_receipts = self._run(call)
+            receipts.extend(batch_receipts)
         return receipts
 
     def _next_sequences(self, count: int) -> int:
@@ -497,307 +395,198 @@ class Client:
         visibility_timeout_s: float | None = None,
     ) -> list[Message]:
         """Leases up to `max_messages` (1..500), waiting up to `timeout_s` for the first."""
-        visibility_timeout_ms = _optional_ms(
+        visibility_timeout_ms = calls.optional_ms(
             "visibility_timeout", visibility_timeout_s, limits.VISIBILITY_TIMEOUT_MS_MAX
         )
-        return self._consume(Kind.QUEUE, name, max_messages, timeout_s, visibility_timeout_ms)
+        return self._run(
+            calls.consume(Kind.QUEUE, name, max_messages, timeout_s, visibility_timeout_ms, self)
+        )
 
     def consume_many_topic(
         self, name: str, max_messages: int, timeout_s: float = 0
     ) -> list[Message]:
         """Up to `max_messages` (1..500) past the cursor, waiting up to `timeout_s` for one."""
-        return self._consume(Kind.TOPIC, name, max_messages, timeout_s, 0)
+        return self._run(calls.consume(Kind.TOPIC, name, max_messages, timeout_s, 0, self))
 
-    def _consume(
+    def iter_queue(
         self,
-        kind: Kind,
         name: str,
-        max_messages: int,
-        timeout_s: float,
-        visibility_timeout_ms: int,
-    ) -> list[Message]:
-        _check_name(kind.value, name)
-        if not 1 <= max_messages <= limits.CONSUME_MESSAGES_MAX:
-            raise errors.InvalidArgument(
-                f"max_messages of {max_messages} is outside 1..consume_messages_max "
-                f"{limits.CONSUME_MESSAGES_MAX}"
-            )
-        if not 0 <= timeout_s <= limits.CONSUME_WAIT_S_MAX:
-            raise errors.InvalidArgument(
-                f"timeout_s of {timeout_s:g} is outside 0..consume_wait_s_max "
-                f"{limits.CONSUME_WAIT_S_MAX:g}"
-            )
-        request = chasqui_pb2.ConsumeRequest(
-            kind=kind.to_proto(),
-            name=name,
-            max_messages=max_messages,
-            timeout_s=timeout_s,
-            visibility_timeout_ms=visibility_timeout_ms,
+        *,
+        batch: int = limits.ITER_BATCH_DEFAULT,
+        wait_s: float = limits.ITER_WAIT_S_DEFAULT,
+        visibility_timeout_s: float | None = None,
+    ) -> Iterator[Message]:
+        """Yields the queue's messages forever, leasing up to `batch` per long-poll of `wait_s`.
+
+        Ack each message (or use `with message.process():`) before its lease ends. The iterator
+        ends without an error when the client is closed; other errors are raised from it. Leases
+        not yet yielded when the iterator is closed early are given back (nacked).
+        """
+        visibility_timeout_ms = calls.optional_ms(
+            "visibility_timeout", visibility_timeout_s, limits.VISIBILITY_TIMEOUT_MS_MAX
         )
-        # A retried consume may leave an earlier lease unused; it is redelivered after its
-        # visibility timeout (at-least-once), so retrying is safe.
-        response = self._call(
-            "Consume", request, chasqui_pb2.ConsumeResponse, idempotent=True, wait_s=timeout_s
+        return self._iterate(Kind.QUEUE, name, batch, wait_s, visibility_timeout_ms)
+
+    def iter_topic(
+        self,
+        name: str,
+        *,
+        batch: int = limits.ITER_BATCH_DEFAULT,
+        wait_s: float = limits.ITER_WAIT_S_DEFAULT,
+    ) -> Iterator[Message]:
+        """Yields the topic's messages past this user's cursor forever; see `iter_queue`.
+
+        Topic acks are cumulative: acking a message also acks every earlier one.
+        """
+        return self._iterate(Kind.TOPIC, name, batch, wait_s, 0)
+
+    def _iterate(
+        self, kind: Kind, name: str, batch: int, wait_s: float, visibility_timeout_ms: int
+    ) -> Iterator[Message]:
+        # Check the arguments now, not at the first next(): an error belongs to the call.
+        calls.consume(kind, name, batch, wait_s, visibility_timeout_ms, self)
+        return self._iterate_checked(kind, name, batch, wait_s, visibility_timeout_ms)
+
+    def _iterate_checked(
+        self, kind: Kind, name: str, batch: int, wait_s: float, visibility_timeout_ms: int
+    ) -> Iterator[Message]:
+        while not self.closed:
+            try:
+                messages = self._run(
+                    calls.consume(kind, name, batch, wait_s, visibility_timeout_ms, self)
+                )
+            except (errors.ChasquiError, RuntimeError):
+                if self.closed:
+                    return  # close() cut the long-poll short
+                raise
+            for index, message in enumerate(messages):
+                try:
+                    yield message
+                except GeneratorExit:
+                    self._give_back(messages[index + 1 :])
+                    raise
+
+    def _give_back(self, messages: list[Message]) -> None:
+        """Best effort: nacks leases the caller will never see, so they return at once rather
+        than after their visibility timeout. A failure only delays them."""
+        for message in messages:
+            if self.closed:
+                return
+            try:
+                self.nack(message)
+            except (errors.ChasquiError, RuntimeError):
+                return
+
+    def stream_queue(
+        self,
+        name: str,
+        *,
+        window: int = limits.STREAM_WINDOW_DEFAULT,
+        visibility_timeout_s: float | None = None,
+    ) -> Stream:
+        """A push subscription to a queue over ConsumeStream, with at most `window` deliveries
+        unacked; see `chasqui_client.stream.Stream`."""
+        visibility_timeout_ms = calls.optional_ms(
+            "visibility_timeout", visibility_timeout_s, limits.VISIBILITY_TIMEOUT_MS_MAX
         )
-        return [Message.from_proto(delivery) for delivery in response.deliveries]
+        return self._stream(Kind.QUEUE, name, window, visibility_timeout_ms)
+
+    def stream_topic(self, name: str, *, window: int = limits.STREAM_WINDOW_DEFAULT) -> Stream:
+        """A push subscription to a topic (past this user's cursor); see `stream_queue`."""
+        return self._stream(Kind.TOPIC, name, window, 0)
+
+    def _stream(self, kind: Kind, name: str, window: int, visibility_timeout_ms: int) -> Stream:
+        from chasqui_client.stream import Stream
+
+        stream = Stream(self, kind, name, window, visibility_timeout_ms)
+        self._track(stream)
+        return stream
+
+    def _track(self, resource: Stream | Publisher) -> None:
+        with self._lock:
+            if self._router.closed:
+                raise RuntimeError("client is closed")
+            self._closing = [item for item in self._closing if not item.finished]
+            self._closing.append(resource)
 
     # ---- acknowledging ---------------------------------------------------------------------
 
     def ack(self, messages: Message | Iterable[Message]) -> None:
         """Acks one delivery or many (split into calls of at most 1000). Idempotent."""
-        batch = [messages] if isinstance(messages, Message) else list(messages)
-        for start in range(0, len(batch), limits.ACK_BATCH_MAX):
-            chunk = batch[start : start + limits.ACK_BATCH_MAX]
-            request = chasqui_pb2.AckRequest(deliveries=[message.to_ref() for message in chunk])
-            self._call("Ack", request, chasqui_pb2.AckResponse, idempotent=True)
+        for chunk, call in calls.acks(messages):
+            try:
+                self._run(call)
+            except errors.FailedPrecondition:
+                # The lease had expired: the delivery is no longer this caller's either way.
+                if len(chunk) == 1:
+                    _settled(chunk, acked=False)
+                raise
+            _settled(chunk, acked=True)
 
     def nack(self, message: Message, delay_s: float = 0) -> None:
-        """Returns a leased delivery to its queue, deliverable again after `delay_s`."""
-        request = chasqui_pb2.NackRequest(
-            delivery=message.to_ref(), delay_ms=_delay_ms("delay", delay_s)
-        )
-        self._call("Nack", request, chasqui_pb2.NackResponse, idempotent=True)
+        """Returns a leased delivery to its queue, deliverable again after `delay_s`.
+
+        On a topic it rewinds this user's window to the oldest unacked message."""
+        try:
+            self._run(calls.nack(message, delay_s))
+        except errors.FailedPrecondition:
+            _settled([message], acked=False)
+            raise
+        _settled([message], acked=False)
 
     def extend(self, message: Message, seconds: float) -> None:
         """Moves a lease's deadline to `seconds` from now."""
-        extend_ms = _optional_ms("extend", seconds, limits.VISIBILITY_TIMEOUT_MS_MAX)
-        request = chasqui_pb2.ExtendRequest(delivery=message.to_ref(), extend_ms=extend_ms)
-        self._call("Extend", request, chasqui_pb2.ExtendResponse, idempotent=True)
+        self._run(calls.extend(message, seconds))
 
     # ---- routing ---------------------------------------------------------------------------
 
     def _endpoint(self, address: str) -> _Endpoint:
         with self._lock:
-            if self._closed:
-                raise RuntimeError("client is closed")
+            self._router.check_open()
             endpoint = self._endpoints.get(address)
             if endpoint is None:
                 endpoint = _Endpoint(address, self._credentials)
                 self._endpoints[address] = endpoint
             return endpoint
 
-    def _round_order(self) -> list[str]:
-        """The leader first (if known), then every other endpoint in list order."""
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("client is closed")
-            leader = self._leader
-            others = [address for address in self._addresses if address != leader]
-        return [leader, *others] if leader is not None else others
-
-    def _follow_hint(self, hint: str) -> None:
-        with self._lock:
-            if hint not in self._addresses:
-                self._addresses.append(hint)
-            self._leader = hint
-
-    def _forget_leader(self, address: str) -> None:
-        with self._lock:
-            if self._leader == address:
-                self._leader = None
-
-    def _remember_leader(self, address: str) -> None:
-        with self._lock:
-            self._leader = address
-
-    def _call(
-        self,
-        rpc: str,
-        request: ProtoMessage,
-        response_type: type[ResponseT],
-        *,
-        idempotent: bool,
-        wait_s: float = 0.0,
-        authenticated: bool = True,
-    ) -> ResponseT:
-        """Sends `request` to the leader, following hints and retrying within the budget.
-
-        `wait_s` is the server-side long-poll of a consume: it extends the budget, and a retry
-        asks for no more wait than the budget has left.
-        """
-        budget_s = self.call_timeout_s + wait_s
-        deadline = time.monotonic() + budget_s
-        metadata = (("authorization", f"Bearer {self.key}"),) if authenticated else ()
-        record = _CallRecord()
-        backoff_s = self.backoff_initial_s
-        attempts_made = 0
+    def _run(self, call: calls.Call[ResponseT, ResultT]) -> ResultT:
+        """Sends `call` to the leader, following hints and retrying within the budget
+        (`routing.CallPlan` decides; this only does the I/O)."""
+        plan = routing.CallPlan(call.rpc, self._router, self.timing, call.idempotent, call.wait_s)
+        metadata = self._metadata if call.authenticated else ()
+        request = call.request
         while True:
-            order = self._round_order()
-            redirects = 0
-            index = 0
-            while index < len(order):
-                address = order[index]
-                index += 1
-                remaining_s = deadline - time.monotonic()
-                if remaining_s <= 0:
-                    raise self._budget_error(budget_s, record)
-                endpoint = self._endpoint(address)
-                request_wait_s = wait_s
-                if attempts_made and wait_s > 0 and isinstance(request, chasqui_pb2.ConsumeRequest):
-                    # A retry waits only for what is left of the caller's wait.
-                    request_wait_s = min(wait_s, max(0.0, remaining_s - self.call_timeout_s))
-                    request.timeout_s = request_wait_s
-                if not endpoint.connected and not endpoint.wait_settled(
-                    min(remaining_s, self.connect_timeout_s)
-                ):
-                    record.attempts[address] = (
-                        f"could not connect within connect_timeout_s {self.connect_timeout_s:g}"
-                    )
-                    self._forget_leader(address)
-                    continue
-                attempt_timeout_s = min(
-                    deadline - time.monotonic(), self.attempt_timeout_s + request_wait_s
+            step = plan.next_step()
+            if isinstance(step, routing.Pause):
+                time.sleep(step.seconds)
+                continue
+            endpoint = self._endpoint(step.address)
+            if isinstance(request, chasqui_pb2.ConsumeRequest):
+                # A retry waits only for what is left of the caller's wait.
+                request.timeout_s = step.wait_s
+            if not endpoint.connected and not endpoint.wait_settled(step.connect_timeout_s):
+                plan.on_unreachable(step.address)
+                continue
+            plan.on_sent()
+            try:
+                response = getattr(endpoint.stub, call.rpc)(
+                    request, timeout=step.send_timeout_s(), metadata=metadata
                 )
-                attempts_made += 1
-                try:
-                    response = getattr(endpoint.stub, rpc)(
-                        request, timeout=attempt_timeout_s, metadata=metadata
-                    )
-                except grpc.RpcError as error:
-                    code = errors.status_code_of(error)
-                    description = f"{code.name}: {errors.details_of(error)}"
-                    record.attempts[address] = description
-                    if code is grpc.StatusCode.UNAVAILABLE:
-                        self._forget_leader(address)
-                        hint = _leader_hint(error)
-                        if hint and hint != address and redirects < limits.REDIRECTS_PER_ROUND_MAX:
-                            redirects += 1
-                            self._follow_hint(hint)
-                            order.insert(index, hint)
-                        continue
-                    if code is grpc.StatusCode.DEADLINE_EXCEEDED and not endpoint.connected:
-                        # Never connected: the request cannot have reached the node.
-                        self._forget_leader(address)
-                        continue
-                    if code in _AMBIGUOUS_CODES:
-                        record.ambiguous_error = f"{address}: {description}"
-                        if not idempotent:
-                            raise errors.OutcomeUnknown(
-                                f"{rpc} on {address} failed with {description}; it may or may "
-                                "not have happened",
-                                code=code.name,
-                            ) from None
-                        self._forget_leader(address)
-                        continue
-                    raise errors.from_rpc_error(error) from None
-                self._remember_leader(address)
-                if not isinstance(response, response_type):
-                    raise errors.Internal(f"{rpc} answered {type(response).__name__}")
-                return response
-            remaining_s = deadline - time.monotonic()
-            if remaining_s <= 0:
-                raise self._budget_error(budget_s, record)
-            time.sleep(min(remaining_s, self._random.uniform(backoff_s / 2, backoff_s)))
-            backoff_s = min(self.backoff_max_s, backoff_s * 2)
-
-    @staticmethod
-    def _budget_error(budget_s: float, record: _CallRecord) -> errors.ChasquiError:
-        if record.ambiguous_error is not None:
-            return errors.OutcomeUnknown(
-                f"no confirmed answer within {budget_s:g} s after {record.ambiguous_error}; it "
-                "may or may not have happened; safe to retry with the same id"
-            )
-        return errors.NoEndpointAvailable(budget_s, record.attempts)
+            except grpc.RpcError as error:
+                plan.on_failure(
+                    step.address,
+                    errors.status_code_of(error),
+                    errors.details_of(error),
+                    hint=routing.rpc_error_hint(error),
+                    connected=endpoint.connected,
+                )
+                continue
+            plan.succeeded(step.address)
+            return call.result(response)
 
 
-def _leader_hint(error: grpc.RpcError) -> str | None:
-    trailing_method = getattr(error, "trailing_metadata", None)
-    trailing = trailing_method() if callable(trailing_method) else None
-    for key, value in trailing or ():
-        if key == LEADER_METADATA_KEY:
-            hint = value.decode("utf-8") if isinstance(value, bytes) else str(value)
-            return hint.strip() or None
-    return None
-
-
-def _check_name(kind: str, name: str) -> None:
-    """Raises InvalidArgument unless `name` is 1..200 bytes of [A-Za-z0-9._-].
-
-    Same rule and wording as the node's check, so the caller sees one message either way.
-    """
-    if not isinstance(name, str):
-        raise errors.InvalidArgument(f"{kind} name {name!r} is invalid: must be a string")
-    size = len(name.encode("utf-8", errors="surrogatepass"))
-    shown = name if len(name) <= 60 else name[:57] + "..."
-    if not 1 <= size <= limits.NAME_BYTES_MAX:
-        raise errors.InvalidArgument(
-            f"{kind} name {shown!r} is invalid: must be 1 to name_bytes_max "
-            f"{limits.NAME_BYTES_MAX} bytes, got {size}"
-        )
-    for char in name:
-        if char not in _NAME_ALPHABET:
-            raise errors.InvalidArgument(
-                f"{kind} name {shown!r} is invalid: character {char!r} is not one of [A-Za-z0-9._-]"
-            )
-
-
-def _check_range(what: str, value: int, limit_name: str, limit: int) -> None:
-    if value < 0:
-        raise errors.InvalidArgument(f"{what} of {value} must not be negative")
-    if value > limit:
-        raise errors.InvalidArgument(f"{what} of {value} exceeds {limit_name} {limit}")
-
-
-def _encode_body(body: bytes | str) -> bytes:
-    if isinstance(body, str):
-        payload = body.encode("utf-8")
-    elif isinstance(body, bytes | bytearray | memoryview):
-        payload = bytes(body)
-    else:
-        raise errors.InvalidArgument(
-            f"message body must be bytes or str, got {type(body).__name__}"
-        )
-    if len(payload) > limits.MESSAGE_BYTES_MAX:
-        raise errors.InvalidArgument(
-            f"message of {len(payload)} bytes exceeds message_bytes_max {limits.MESSAGE_BYTES_MAX}"
-        )
-    return payload
-
-
-def _split_batches(payloads: list[bytes]) -> list[list[bytes]]:
-    """Consecutive batches of at most 500 messages and 4 MiB of bodies each, in order."""
-    batches: list[list[bytes]] = []
-    batch: list[bytes] = []
-    batch_bytes = 0
-    for payload in payloads:
-        if batch and (
-            len(batch) >= limits.PUBLISH_BATCH_MESSAGES_MAX
-            or batch_bytes + len(payload) > limits.PUBLISH_BATCH_BYTES_MAX
-        ):
-            batches.append(batch)
-            batch, batch_bytes = [], 0
-        batch.append(payload)
-        batch_bytes += len(payload)
-    if batch:
-        batches.append(batch)
-    return batches
-
-
-def _to_ms(what: str, seconds: float) -> int:
-    if seconds < 0:
-        raise errors.InvalidArgument(f"{what} of {seconds:g} s must not be negative")
-    return round(seconds * 1000)
-
-
-def _delay_ms(what: str, seconds: float) -> int:
-    """A delay in whole milliseconds, 0..delay_ms_max."""
-    milliseconds = _to_ms(what, seconds)
-    if milliseconds > limits.DELAY_MS_MAX:
-        raise errors.InvalidArgument(
-            f"{what} of {milliseconds} ms exceeds delay_ms_max {limits.DELAY_MS_MAX}"
-        )
-    return milliseconds
-
-
-def _optional_ms(what: str, seconds: float | None, limit_ms: int) -> int:
-    """A positive duration in milliseconds, or 0 (the node's default) for None."""
-    if seconds is None:
-        return 0
-    if seconds <= 0:
-        raise errors.InvalidArgument(f"{what} of {seconds:g} s must be positive")
-    milliseconds = max(1, round(seconds * 1000))
-    if milliseconds > limit_ms:
-        raise errors.InvalidArgument(
-            f"{what} of {milliseconds} ms exceeds {what}_ms_max {limit_ms}"
-        )
-    return milliseconds
+def _settled(messages: Iterable[Message], *, acked: bool) -> None:
+    """Tells the streams the acked or nacked deliveries came from (each grants credit back)."""
+    for message in messages:
+        if message._stream is not None:
+            message._stream.settled(message, acked=acked)

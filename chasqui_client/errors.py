@@ -133,9 +133,13 @@ def details_of(error: grpc.RpcError) -> str:
     return details if isinstance(details, str) else ""
 
 
+def from_status(code: grpc.StatusCode, details: str) -> ChasquiError:
+    """The typed exception for a status and its message (the node's, or a generic one)."""
+    exception_class = _BY_CODE.get(code, Internal)
+    message = details or f"call failed with status {code.name}"
+    return exception_class(message, code=code.name)
+
+
 def from_rpc_error(error: grpc.RpcError) -> ChasquiError:
     """The typed exception for a failed gRPC call, keeping the node's message and status name."""
-    code = status_code_of(error)
-    exception_class = _BY_CODE.get(code, Internal)
-    message = details_of(error) or f"call failed with status {code.name}"
-    return exception_class(message, code=code.name)
+    return from_status(status_code_of(error), details_of(error))

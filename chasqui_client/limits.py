@@ -29,5 +29,16 @@ BACKOFF_INITIAL_S = 0.05  # pause after a round in which every endpoint failed
 BACKOFF_MAX_S = 1.0  # the pause doubles per round up to this
 REDIRECTS_PER_ROUND_MAX = 3  # leader hints followed at once before backing off (elections flap)
 
+# Iterators, streams and publishers.
+ITER_BATCH_DEFAULT = 100  # messages leased per long-poll by iter_queue / iter_topic
+ITER_WAIT_S_DEFAULT = 20.0  # long-poll of an iterator; it polls again when this passes empty
+STREAM_WINDOW_DEFAULT = 100  # unacked deliveries a streaming subscription holds
+STREAM_CREDIT_MAX = 10_000  # the node's cap on a stream's credit (its limits.STREAM_CREDIT_MAX)
+STREAM_HEALTHY_S = 2.0  # a stream that lived this long was connected: its failures start afresh
+PUBLISHER_WINDOW_DEFAULT = 1000  # messages a pipelined publisher holds unconfirmed
+PUBLISHER_WINDOW_MAX = 100_000  # bounds the memory of the futures and bodies it holds
+PUBLISHER_LINGER_S_DEFAULT = 0.002  # an idle publisher waits this long to fill its first batch
+PUBLISHER_LINGER_S_MAX = 1.0
+
 assert MESSAGE_BYTES_MAX <= PUBLISH_BATCH_BYTES_MAX
 assert PUBLISH_BATCH_BYTES_MAX < GRPC_MESSAGE_BYTES_MAX

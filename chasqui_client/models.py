@@ -6,7 +6,11 @@ They are built from proto messages here, so callers never handle protobuf object
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+import inspect
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Protocol, cast
 
 from chasqui_proto import chasqui_pb2
 
@@ -56,9 +60,36 @@ class Receipt:
         return Receipt(sequence=receipt.sequence, duplicate=receipt.duplicate)
 
 
+class SyncOwner(Protocol):
+    """The sync client, as `Message.process()` sees it."""
+
+    def ack(self, messages: Message) -> None: ...
+
+    def nack(self, message: Message, delay_s: float = 0) -> None: ...
+
+
+class AsyncOwner(Protocol):
+    """The asyncio client, as `Message.process()` sees it."""
+
+    def ack(self, messages: Message) -> Awaitable[None]: ...
+
+    def nack(self, message: Message, delay_s: float = 0) -> Awaitable[None]: ...
+
+
+MessageOwner = SyncOwner | AsyncOwner
+
+
+class DeliverySink(Protocol):
+    """A streaming subscription, told when one of its deliveries was acked (`acked=True`) or
+    given back so it can grant the broker more credit."""
+
+    def settled(self, message: Message, *, acked: bool) -> None: ...
+
+
 @dataclass(frozen=True)
 class Message:
-    """One delivery of one message; pass it back to `ack`, `nack` or `extend`."""
+    """One delivery of one message; pass it back to `ack`, `nack` or `extend`, or handle it in
+    `with message.process():` (`async with` for messages of the asyncio client)."""
 
     kind: Kind
     name: str
@@ -68,6 +99,19 @@ class Message:
     publish_time_ms: int
     producer_id: str
     lease_deadline_ms: int
+    # The client that consumed it (for `process()`), and the stream it came from (for credit).
+    # Not part of the value: two deliveries are equal whoever received them.
+    _client: MessageOwner | None = field(default=None, compare=False, repr=False)
+    _stream: DeliverySink | None = field(default=None, compare=False, repr=False)
+
+    def process(self) -> Processing:
+        """A context manager that acks this delivery on normal exit and nacks it (at once, no
+        delay) when the block raises, then lets the exception through. A failed nack does not
+        hide the block's exception: it is added to it as a note, and the lease still expires.
+        """
+        if self._client is None:
+            raise RuntimeError("this message was not received by a client; ack it explicitly")
+        return Processing(self, self._client)
 
     @property
     def text(self) -> str:
@@ -80,7 +124,12 @@ class Message:
         return f"{self.kind}:{self.name}:{self.sequence}"
 
     @staticmethod
-    def from_proto(delivery: chasqui_pb2.Delivery) -> Message:
+    def from_proto(
+        delivery: chasqui_pb2.Delivery,
+        *,
+        owner: MessageOwner | None = None,
+        stream: DeliverySink | None = None,
+    ) -> Message:
         return Message(
             kind=Kind.from_proto(delivery.kind),
             name=delivery.name,
@@ -90,6 +139,8 @@ class Message:
             publish_time_ms=delivery.publish_time_ms,
             producer_id=delivery.producer_id,
             lease_deadline_ms=delivery.lease_deadline_ms,
+            _client=owner,
+            _stream=stream,
         )
 
     def to_ref(self) -> chasqui_pb2.DeliveryRef:
@@ -99,6 +150,55 @@ class Message:
             sequence=self.sequence,
             delivery_count=self.delivery_count,
         )
+
+
+class Processing:
+    """What `Message.process()` returns: `with` for the sync client, `async with` for asyncio."""
+
+    def __init__(self, message: Message, owner: MessageOwner) -> None:
+        self.message = message
+        self._owner = owner
+        self._is_async = inspect.iscoroutinefunction(owner.ack)
+
+    def __enter__(self) -> Message:
+        if self._is_async:
+            raise TypeError("a message of the asyncio client needs `async with message.process()`")
+        return self.message
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        owner = cast(SyncOwner, self._owner)
+        if exc is None:
+            owner.ack(self.message)
+        elif isinstance(exc, Exception):
+            try:
+                owner.nack(self.message)
+            except Exception as nack_error:
+                exc.add_note(f"nack of {self.message.id} failed too: {nack_error}")
+
+    async def __aenter__(self) -> Message:
+        if not self._is_async:
+            raise TypeError("a message of the sync client needs `with message.process()`")
+        return self.message
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        owner = cast(AsyncOwner, self._owner)
+        if exc is None:
+            await owner.ack(self.message)
+        elif isinstance(exc, Exception):
+            try:
+                await owner.nack(self.message)
+            except Exception as nack_error:
+                exc.add_note(f"nack of {self.message.id} failed too: {nack_error}")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,251 @@
+"""Iterators, `Message.process()`, streaming subscriptions and the pipelined publisher, against
+the real service over a fake replicator (one in-process node on port 0; see conftest.py).
+
+Proves: iterators long-poll and end cleanly on `close()`; `process()` acks on success and nacks
+on an exception; a stream never holds more than its window of unacked deliveries and each ack
+lets exactly one more through; a stream on a follower follows the leader hint; the publisher's
+futures resolve in publish order with every message stored once; and the client back-reference
+is not part of a message's value. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from chasqui_client import Client, Message, errors
+from chasqui_client.models import Kind
+from chasqui_node.replication import Member
+from tests.service.conftest import Broker
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def client(broker: Broker) -> Iterator[Client]:
+    with Client([f"127.0.0.1:{broker.port}"], call_timeout_s=5) as connected:
+        yield connected
+
+
+def drain(client: Client, name: str) -> list[bytes]:
+    bodies: list[bytes] = []
+    while batch := client.consume_many_queue(name, 500, timeout_s=0):
+        bodies.extend(message.body for message in batch)
+        client.ack(batch)
+    return bodies
+
+
+def test_message_value_excludes_the_client_back_reference(client: Client) -> None:
+    client.create_queue("jobs")
+    client.publish_queue("jobs", b"x")
+    message = client.consume_queue("jobs", timeout_s=1)
+    assert message is not None and message._client is client
+    plain = Message(Kind.QUEUE, "jobs", message.sequence, b"x", 1, message.publish_time_ms,
+                    message.producer_id, message.lease_deadline_ms)  # fmt: skip
+    assert plain == message and hash(plain) == hash(message)
+    assert "_client" not in repr(message)
+    with pytest.raises(RuntimeError):
+        plain.process()
+
+
+def test_iter_queue_yields_published_messages_and_process_acks_them(client: Client) -> None:
+    client.create_queue("jobs")
+    client.publish_many_queue("jobs", [f"job-{i}" for i in range(25)])
+    seen: list[str] = []
+    for message in client.iter_queue("jobs", batch=10, wait_s=1):
+        with message.process():
+            seen.append(message.text)
+        if len(seen) == 25:
+            break
+    assert seen == [f"job-{i}" for i in range(25)]
+    assert client.consume_queue("jobs", timeout_s=0) is None  # every one was acked
+
+
+def test_process_nacks_on_exception_and_reraises(client: Client) -> None:
+    client.create_queue("jobs")
+    client.publish_queue("jobs", b"poison")
+    message = client.consume_queue("jobs", timeout_s=1)
+    assert message is not None
+    with pytest.raises(ValueError, match="boom"), message.process():
+        raise ValueError("boom")
+    again = client.consume_queue("jobs", timeout_s=1)  # nacked: ready again at once
+    assert again is not None and again.body == b"poison" and again.delivery_count == 2
+
+
+def test_iter_topic_yields_in_order_past_the_cursor(client: Client) -> None:
+    client.create_topic("news")
+    client.subscribe_topic("news")
+    client.publish_many_topic("news", [f"n{i}" for i in range(7)])
+    seen = []
+    for message in client.iter_topic("news", batch=3, wait_s=1):
+        with message.process():
+            seen.append(message.text)
+        if len(seen) == 7:
+            break
+    assert seen == [f"n{i}" for i in range(7)]
+
+
+def test_iterator_long_polls_and_ends_cleanly_on_close(broker: Broker) -> None:
+    client = Client([f"127.0.0.1:{broker.port}"], call_timeout_s=5)
+    client.create_queue("jobs")
+    received: list[bytes] = []
+    ended = threading.Event()
+
+    def consume() -> None:
+        for message in client.iter_queue("jobs", wait_s=30):
+            received.append(message.body)
+            client.ack(message)
+        ended.set()
+
+    worker = threading.Thread(target=consume, daemon=True)
+    worker.start()
+    time.sleep(0.3)
+    publisher = Client([f"127.0.0.1:{broker.port}"], key=client.key)
+    publisher.publish_queue("jobs", b"late")
+    deadline = time.monotonic() + 5
+    while not received and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert received == [b"late"]  # the long-poll woke up on the publish
+    started = time.monotonic()
+    client.close()
+    assert ended.wait(5), "the iterator did not stop on close()"
+    assert time.monotonic() - started < 5
+    publisher.close()
+
+
+def test_iterator_checks_its_arguments_at_once(client: Client) -> None:
+    with pytest.raises(errors.InvalidArgument):
+        client.iter_queue("bad name")
+    with pytest.raises(errors.InvalidArgument):
+        client.iter_queue("jobs", batch=501)
+
+
+def test_stream_holds_at_most_window_unacked_and_each_ack_lets_one_more_in(
+    client: Client,
+) -> None:
+    client.create_queue("jobs")
+    client.publish_many_queue("jobs", [f"j{i}" for i in range(20)])
+    received: list[Message] = []
+    with client.stream_queue("jobs", window=5) as stream:
+
+        def pull() -> None:
+            for message in stream:
+                received.append(message)
+
+        puller = threading.Thread(target=pull, daemon=True)
+        puller.start()
+        time.sleep(1.0)
+        assert len(received) == 5
+        assert stream.unacked == 5
+        client.ack(received[:2])
+        client.ack(received[0])  # acking twice grants nothing more
+        time.sleep(1.0)
+        assert len(received) == 7
+        for message in list(received[2:]):
+            client.ack(message)
+        deadline = time.monotonic() + 10
+        while len(received) < 20 and time.monotonic() < deadline:
+            if stream.unacked:
+                client.ack([m for m in received[-5:]])
+            time.sleep(0.05)
+        assert [m.text for m in received] == [f"j{i}" for i in range(20)]
+    puller.join(5)
+    assert not puller.is_alive(), "the stream did not end on close()"
+
+
+def test_stream_process_nack_returns_credit_and_redelivers(client: Client) -> None:
+    client.create_queue("jobs")
+    client.publish_queue("jobs", b"once")
+    with client.stream_queue("jobs", window=1) as stream:
+        first = next(stream)
+        with pytest.raises(KeyError), first.process():
+            raise KeyError("fail")
+        second = next(stream)  # the nack granted the credit back
+        assert second.body == b"once" and second.delivery_count == 2
+        with second.process():
+            pass
+        assert stream.unacked == 0
+
+
+def test_stream_on_a_follower_follows_the_hint_then_raises_when_no_leader_answers(
+    broker: Broker,
+) -> None:
+    with socket.socket() as probe:  # a loopback port nobody serves
+        probe.bind(("127.0.0.1", 0))
+        closed_address = f"127.0.0.1:{probe.getsockname()[1]}"
+    leader = Member("n2", closed_address, "127.0.0.1:1")
+    broker.replication.become_follower(leader)
+    client = Client(
+        [f"127.0.0.1:{broker.port}"], key="k", call_timeout_s=1.5, connect_timeout_s=0.3
+    )
+    try:
+        with client.stream_topic("news") as stream:
+            started = time.monotonic()
+            with pytest.raises(errors.NoEndpointAvailable) as caught:
+                next(stream)
+            assert time.monotonic() - started < 5
+        assert closed_address in caught.value.attempts
+    finally:
+        client.close()
+
+
+def test_stream_raises_typed_errors_at_once(client: Client) -> None:
+    with client.stream_queue("missing", window=3) as stream, pytest.raises(errors.NotFound):
+        next(stream)
+    with pytest.raises(errors.InvalidArgument):
+        client.stream_queue("jobs", window=0)
+
+
+def test_publisher_resolves_futures_in_order_and_stores_each_message_once(
+    client: Client,
+) -> None:
+    client.create_queue("jobs")
+    order: list[int] = []
+    with client.publisher("jobs", window=300, linger_s=0.001) as publisher:
+        futures = [publisher.publish(f"m{i}") for i in range(1200)]
+        for index, future in enumerate(futures):
+            future.add_done_callback(lambda _, index=index: order.append(index))
+            assert publisher.unconfirmed <= 300
+    receipts = [future.result(timeout=0) for future in futures]
+    assert order == sorted(order)  # callbacks ran in publish order
+    assert [receipt.sequence for receipt in receipts] == list(range(1200))
+    assert not any(receipt.duplicate for receipt in receipts)
+    assert drain(client, "jobs") == [f"m{i}".encode() for i in range(1200)]
+    with pytest.raises(RuntimeError):
+        publisher.publish(b"after close")
+
+
+def test_publisher_fails_futures_with_the_typed_error(client: Client) -> None:
+    with client.publisher("missing") as publisher:
+        futures = [publisher.publish(b"x") for _ in range(3)]
+        assert publisher.flush(10)
+    for future in futures:
+        assert isinstance(future.exception(timeout=0), errors.NotFound)
+    with pytest.raises(errors.InvalidArgument):
+        client.publisher("jobs", window=0)
+
+
+def test_publisher_window_bounds_unconfirmed_messages(broker: Broker, client: Client) -> None:
+    client.create_queue("jobs")
+    broker.replication.become_follower(None)  # nothing commits: the window fills up
+    publisher = client.publisher("jobs", window=3, linger_s=0)
+    for _ in range(3):
+        publisher.publish(b"x")
+    blocked = threading.Event()
+    done = threading.Event()
+
+    def fourth() -> None:
+        blocked.set()
+        publisher.publish(b"y")
+        done.set()
+
+    threading.Thread(target=fourth, daemon=True).start()
+    assert blocked.wait(2)
+    assert not done.wait(0.5), "publish did not block with the window full"
+    broker.replication.become_leader()
+    assert done.wait(15)
+    publisher.close(15)
