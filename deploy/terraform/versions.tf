@@ -1,0 +1,25 @@
+# Pinned so that a plan made today means the same next month: the AWS provider's 5.x line is the
+# one these resources were written against, and Terraform 1.5 is the oldest with every function
+# used here. Commit the .terraform.lock.hcl that `terraform init` writes next to this file.
+terraform {
+  required_version = ">= 1.5.0, < 2.0.0"
+
+  required_providers {
+    aws = {
+      source  = "hashicorp/aws"
+      version = "~> 5.80"
+    }
+    random = {
+      source  = "hashicorp/random"
+      version = "~> 3.6"
+    }
+  }
+}
+
+provider "aws" {
+  region = var.region
+
+  default_tags {
+    tags = merge({ "chasqui:cluster" = var.name }, var.tags)
+  }
+}
