@@ -29,9 +29,10 @@ run: install
 test: install-test
 	$(PY) -m pytest -m 'not slow and not bench' tests
 
-## Every fault test, for longer.
+## Every fault test for longer (FAULT_SECONDS each), printing the table of faults and anomalies.
+FAULT_SECONDS ?= 180
 test-faults: install-test
-	$(PY) -m pytest -m 'faults' tests/faults
+	CHASQUI_FAULT_SECONDS=$(FAULT_SECONDS) $(PY) -m pytest -m faults -s -p no:cacheprovider tests/faults
 
 ## Regenerate chasqui_proto/ from proto/chasqui.proto.
 proto: install-test

@@ -24,9 +24,10 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -170,6 +171,17 @@ class _DurableRaftLog(PysyncobjJournal):  # type: ignore[misc]
         self._pending_cut: int | None = None  # position of a deferred deleteEntriesFrom
         self._commit_index = 1
 
+    @contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        """A journal write that fails (disk full, I/O error) stops the node: it must not
+        acknowledge or vote on what it could not persist. A restart cuts a torn tail back and
+        catches up from the leader."""
+        try:
+            yield
+        except OSError as error:
+            self._on_fatal(f"cannot {what} in the Raft journal: {error}")
+            raise
+
     def _settle(self) -> None:
         if self._pending_cut is not None:
             cut, self._pending_cut = self._pending_cut, None
@@ -184,11 +196,13 @@ class _DurableRaftLog(PysyncobjJournal):  # type: ignore[misc]
                         first_dropped,
                         self._applied_index(),
                     )
-            self._journal.truncate_from(cut)
+            with self._writing("truncate entries"):
+                self._journal.truncate_from(cut)
 
     def sync(self) -> None:
         self._settle()
-        self._journal.sync()
+        with self._writing("sync entries"):
+            self._journal.sync()
 
     def add(self, command: bytes, idx: int, term: int) -> None:
         if self._pending_cut is not None:
@@ -201,11 +215,13 @@ class _DurableRaftLog(PysyncobjJournal):  # type: ignore[misc]
                         self._pending_cut = None
                     return
             self._settle()
-        self._journal.append(bytes(command), idx, term)
+        with self._writing("append an entry"):
+            self._journal.append(bytes(command), idx, term)
 
     def clear(self) -> None:
         self._pending_cut = None
-        self._journal.clear()
+        with self._writing("clear entries"):
+            self._journal.clear()
 
     def deleteEntriesFrom(self, entryFrom: int) -> None:
         self._settle()
@@ -216,8 +232,9 @@ class _DurableRaftLog(PysyncobjJournal):  # type: ignore[misc]
         # The snapshot covering these entries was renamed into place by pysyncobj without a
         # directory fsync; make that rename durable before the entries disappear.
         self._settle()
-        fsync_directory(self._snapshot_directory)
-        self._journal.drop_before(entryTo)
+        with self._writing("compact entries"):
+            fsync_directory(self._snapshot_directory)
+            self._journal.drop_before(entryTo)
 
     def __getitem__(self, item: Any) -> Any:
         self._settle()
@@ -255,7 +272,8 @@ class _DurableRaftLog(PysyncobjJournal):  # type: ignore[misc]
         return self._commit_index
 
     def setCurrentTerm(self, term: int, votedForNodeId: Any) -> None:
-        self._journal.set_term(term, None if votedForNodeId is None else str(votedForNodeId))
+        with self._writing("record the term and vote"):
+            self._journal.set_term(term, None if votedForNodeId is None else str(votedForNodeId))
 
     def getCurrentTerm(self) -> int:
         return self._journal.term

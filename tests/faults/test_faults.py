@@ -11,6 +11,7 @@ Every run prints its seed; CHASQUI_FAULT_SEED=<seed> replays the same random cho
 from __future__ import annotations
 
 import random
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -132,3 +133,63 @@ def partitions(lab: netlab.NetLab) -> Nemesis:
 def test_network_partitions_lose_nothing(lab_cluster: tuple[netlab.NetLab, Cluster]) -> None:
     lab, cluster = lab_cluster
     assert_valid("partitions", run_fault(cluster, partitions(lab), SECONDS, heal=lab.heal))
+
+
+# -- disk full on one node -----------------------------------------------------------------
+
+
+def _mount_tmpfs(path: Path, size: str) -> str | None:
+    """Mount a small tmpfs at `path`; returns why not when it cannot (not root, no mount)."""
+    path.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    return None if result.returncode == 0 else (result.stderr.strip() or "mount failed")
+
+
+def fill_disk(ballast: Path) -> Nemesis:
+    """Fill one node's filesystem to the last byte, hold it, then free it again."""
+
+    def nemesis(cluster: Cluster, rng: random.Random, stop: threading.Event) -> None:
+        while not stop.wait(rng.uniform(0.5, 1.0)):
+            with open(ballast, "wb") as out:
+                chunk = b"\0" * (1024 * 1024)
+                try:
+                    while True:
+                        out.write(chunk)
+                        out.flush()
+                except OSError:
+                    pass  # full
+            stop.wait(rng.uniform(2.0, 3.0))
+            ballast.unlink()
+            node = cluster.nodes["n3"]
+            if not node.alive():  # it stopped rather than acknowledge unwritten entries
+                cluster.start_node("n3")
+
+    return nemesis
+
+
+@pytest.fixture
+def small_disk_cluster(tmp_path: Path) -> Iterator[tuple[Path, Cluster]]:
+    disk = tmp_path / "n3"
+    why = _mount_tmpfs(disk, "96m")
+    if why is not None:
+        pytest.skip(f"the disk-full test needs a small tmpfs: {why}")
+    running = Cluster(tmp_path, extra_args=["--raft-compaction-entries", "100"])
+    try:
+        running.start()
+        yield disk / "ballast", running
+    finally:
+        running.close()
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=20)
+
+
+def test_disk_full_on_one_node_loses_nothing(small_disk_cluster: tuple[Path, Cluster]) -> None:
+    ballast, cluster = small_disk_cluster
+    report = run_fault(cluster, fill_disk(ballast), SECONDS, heal=lambda: ballast.unlink(True))
+    assert_valid("disk full on one node", report)
+    # The full node stopped rather than acknowledge what it could not write, then rejoined.
+    assert "stopping the node" in cluster.logs()["n3"]
