@@ -178,6 +178,49 @@ class Extend:
     extend_ms: int
 
 
+@dataclass(frozen=True)
+class EnsureAdmin:
+    """Bootstrap: make the holder of this key hash an admin, creating the user if needed.
+
+    Proposed by a leader whose node was given an admin key (`--admin-key-file`), never on a
+    client's behalf, so the set of admins is replicated state rather than per-node config.
+    Idempotent; a revoked key stays revoked (the operator must configure a new one)."""
+
+    key_hash: str
+
+
+@dataclass(frozen=True)
+class CreateUserAsAdmin:
+    """An admin (`key_hash`) creates a user: how users are made when signup is closed, and
+    the only way to create another admin."""
+
+    key_hash: str
+    new_key_hash: str
+    admin: bool = False
+
+
+@dataclass(frozen=True)
+class RevokeUser:
+    """An admin revokes a user's key: the key is refused from then on, the user's topics and
+    queues stay (owned by the revoked id) until an admin deletes them."""
+
+    key_hash: str
+    user_id: str
+
+
+@dataclass(frozen=True)
+class SetAccess:
+    """The owner (or an admin) replaces the access lists of a topic or queue. An empty list lets
+    every user in; otherwise only the listed user ids (plus the owner and admins) may publish
+    (`publishers`) or subscribe, consume, ack, nack and extend (`consumers`)."""
+
+    key_hash: str
+    kind: Kind
+    name: str
+    publishers: tuple[str, ...]
+    consumers: tuple[str, ...]
+
+
 Command = (
     CreateUser
     | CreateTopic
@@ -192,6 +235,10 @@ Command = (
     | Nack
     | Extend
     | PublishBatch
+    | EnsureAdmin
+    | CreateUserAsAdmin
+    | RevokeUser
+    | SetAccess
 )
 
 
@@ -303,6 +350,9 @@ class TopicInfo:
     subscribed: bool
     first_offset: int
     next_offset: int
+    # Access lists, shown to the owner and admins only (empty for everyone else).
+    publishers: tuple[str, ...] = ()
+    consumers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -312,12 +362,27 @@ class QueueInfo:
     subscribed: bool
     depth: int  # messages stored: ready, delayed or leased
     in_flight: int  # of which leased to a consumer now
+    # Access lists, shown to the owner and admins only (empty for everyone else).
+    publishers: tuple[str, ...] = ()
+    consumers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class UserInfo:
     user_id: str
     admin: bool
+    revoked: bool = False
+
+
+@dataclass(frozen=True)
+class UserSummary:
+    """One row of ListUsers (admins only)."""
+
+    user_id: str
+    admin: bool
+    revoked: bool
+    topics_owned: int
+    queues_owned: int
 
 
 Result = (
@@ -351,6 +416,10 @@ _COMMAND_TYPES: tuple[type[Any], ...] = (
     Nack,
     Extend,
     PublishBatch,
+    EnsureAdmin,
+    CreateUserAsAdmin,
+    RevokeUser,
+    SetAccess,
 )
 # Tags are part of the log format: append new types at the end, never reorder.
 _TAG_OF: dict[type[Any], int] = {cls: tag for tag, cls in enumerate(_COMMAND_TYPES)}
@@ -362,7 +431,14 @@ _ENUMS: dict[str, type[enum.Enum]] = {
 }
 # Tuple fields of one command are parallel arrays (item i of each belongs together), encoded
 # as JSON lists of the scalar encoding: bytes as base64 strings, ints as numbers.
-_TUPLES: dict[str, type[Any]] = {"tuple[bytes, ...]": bytes, "tuple[int, ...]": int}
+_TUPLES: dict[str, type[Any]] = {
+    "tuple[bytes, ...]": bytes,
+    "tuple[int, ...]": int,
+    "tuple[str, ...]": str,
+}
+# Commands whose tuple fields are parallel arrays and must have equal lengths; the tuples of
+# other commands (access lists) are independent.
+_PARALLEL_TUPLES: frozenset[type[Any]] = frozenset({PublishBatch})
 
 
 @dataclass(frozen=True)
@@ -443,7 +519,7 @@ def decode_command(item: Any) -> Command:
             tuple_lengths.add(len(raw))
         except (binascii.Error, TypeError, ValueError) as error:  # MalformedEntry included
             raise MalformedEntry(f"{cls.__name__}.{field.name}: {error}") from error
-    if len(tuple_lengths) > 1:
+    if cls in _PARALLEL_TUPLES and len(tuple_lengths) > 1:
         raise MalformedEntry(f"{cls.__name__} has lists of unequal lengths {sorted(tuple_lengths)}")
     command: Command = cls(**values)
     return command
@@ -488,4 +564,8 @@ def encoded_size(command: Command) -> int:
         # Per item, generously: the body's quotes, three separators and two integers of up to
         # 20 characters each (the service fills them from 64-bit proto fields).
         size += sum(_base64_size(body) + 56 for body in command.bodies)
+    elif isinstance(command, SetAccess):
+        size += sum(len(user_id) + 3 for user_id in command.publishers + command.consumers)
+    elif isinstance(command, CreateUserAsAdmin | RevokeUser):
+        size += len(getattr(command, "new_key_hash", "")) + len(getattr(command, "user_id", ""))
     return size

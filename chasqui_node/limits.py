@@ -53,8 +53,25 @@ PROPOSAL_TIMEOUT_S_DEFAULT = 5.0  # longest wait for a proposal to commit before
 PROPOSALS_IN_FLIGHT_MAX = 10_000  # queued proposals on the leader before RESOURCE_EXHAUSTED
 
 KEY_BYTES = 24  # random bytes in a user key (192 bits, above the 128 required)
+# A configured admin key is checked too: 22 URL-safe characters carry 132 bits.
+ADMIN_KEY_CHARS_MIN = 22
+ADMIN_KEY_CHARS_MAX = 512  # a key is a bearer token in a header, not a document
+
+# Per user. Admins are exempt: they clean up and may need room to do it.
+USER_QUEUES_MAX = 1_000  # queues one user owns; a tenth of QUEUES_MAX, so no one user fills it
+USER_TOPICS_MAX = 1_000  # topics one user owns; a tenth of TOPICS_MAX likewise
+USER_ID_BYTES_MAX = 32  # "u" and a counter below USERS_MAX, with room to spare
+# Users named on one access list. A queue's metadata is rewritten on every publish, so the
+# lists stay small; a larger audience can share one key per service instead.
+ACCESS_LIST_USERS_MAX = 100
+
+# In-flight calls on one client connection (gRPC peer). Long-polls hold a worker thread each,
+# so one connection may hold at most half of the node's GRPC_WORKERS (128) and never starve
+# the others; beyond it a call gets RESOURCE_EXHAUSTED at once instead of queueing.
+CALLS_IN_FLIGHT_PER_CONNECTION_MAX = 64
 
 assert MESSAGE_BYTES_MAX <= PUBLISH_BATCH_BYTES_MAX
+assert USER_QUEUES_MAX <= QUEUES_MAX and USER_TOPICS_MAX <= TOPICS_MAX
 assert PUBLISH_BATCH_BYTES_MAX < GRPC_MESSAGE_BYTES_MAX
 # A consume always returns at least one ready message, so the largest must fit in a reply.
 assert (

@@ -16,10 +16,15 @@ values are struct-packed, bodies stored raw.
     m:users                      <u64> users created; user ids are "u1", "u2", ...
     m:topics, m:queues           <u64> live topics / queues, checked against TOPICS_MAX / QUEUES_MAX
     m:incarnation                <u64> last incarnation id handed out
-    u:<key_hash>                 json {"admin", "id"}
+    u:<key_hash>                 json {"admin", "id"}, plus "revoked": true once revoked
+    i:<user_id>                  the user's key hash (users created before this index existed
+                                 are found by scanning u:)
+    o:q:<user_id>, o:t:<user_id> <u64> queues / topics the user owns, against USER_QUEUES_MAX /
+                                 USER_TOPICS_MAX (ownership never changes hands)
     t:<name>                     json _TopicMeta: incarnation, owner, retention, first/next offset,
-                                 stored body bytes
-    q:<name>                     json _QueueMeta: incarnation, owner, settings, next sequence, depth
+                                 stored body bytes, access lists
+    q:<name>                     json _QueueMeta: incarnation, owner, settings, next sequence,
+                                 depth, access lists
     T<inc><offset u64>           topic message: >QH publish_time_ms, len(producer_id);
                                  producer_id; body
     S<inc><user_id>              topic subscription: >QQQQQ acked, delivered, lease_deadline_ms,
@@ -52,7 +57,7 @@ import dataclasses
 import json
 import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from chasqui_node import limits
@@ -64,12 +69,14 @@ from chasqui_node.commands import (
     CreateQueue,
     CreateTopic,
     CreateUser,
+    CreateUserAsAdmin,
     Deleted,
     DeleteQueue,
     DeleteTopic,
     Deliveries,
     Delivery,
     Done,
+    EnsureAdmin,
     Entry,
     Extend,
     Kind,
@@ -81,6 +88,8 @@ from chasqui_node.commands import (
     Receipt,
     Receipts,
     Result,
+    RevokeUser,
+    SetAccess,
     StartPosition,
     Subscribe,
     Subscribed,
@@ -89,6 +98,7 @@ from chasqui_node.commands import (
     Unsubscribed,
     UserCreated,
     UserInfo,
+    UserSummary,
     check_name,
 )
 from chasqui_node.errors import (
@@ -191,6 +201,9 @@ _K_TOPICS = b"m:topics"
 _K_QUEUES = b"m:queues"
 _K_INCARNATION = b"m:incarnation"
 _P_USER = b"u:"
+_P_USER_INDEX = b"i:"
+_P_OWNED_QUEUES = b"o:q:"
+_P_OWNED_TOPICS = b"o:t:"
 _P_TOPIC_META = b"t:"
 _P_QUEUE_META = b"q:"
 _P_TOPIC_MESSAGE = b"T"
@@ -234,6 +247,8 @@ class _TopicMeta:
     first_offset: int
     next_offset: int
     stored_bytes: int
+    publishers: list[str] = field(default_factory=list)  # empty: anyone may publish
+    consumers: list[str] = field(default_factory=list)  # empty: anyone may consume
 
 
 @dataclass
@@ -248,6 +263,8 @@ class _QueueMeta:
     message_ttl_ms: int
     next_sequence: int
     depth: int
+    publishers: list[str] = field(default_factory=list)  # empty: anyone may publish
+    consumers: list[str] = field(default_factory=list)  # empty: anyone may consume
 
 
 _Meta = TypeVar("_Meta", _TopicMeta, _QueueMeta)
@@ -371,19 +388,66 @@ def _check_sequence(what: str, value: int) -> None:
         raise InvalidArgument(f"{what} must be between 0 and {INT_MAX}, got {value}")
 
 
-def _authorize(user: UserInfo, action: str, kind: Kind, name: str, owner: str) -> None:
-    """Access lists go here (a later issue): raise PermissionDenied when `user` may not do
-    `action` ("publish", "consume", "subscribe") on the named topic or queue. For now every
-    authenticated user may do all three."""
-    del user, action, kind, name, owner
+_ACTION_WORDS = {
+    "publish": "publish to",
+    "subscribe": "subscribe to",
+    "consume": "consume from",
+}
+
+
+def _authorize(
+    user: UserInfo, action: str, kind: Kind, name: str, meta: _TopicMeta | _QueueMeta
+) -> None:
+    """Raise PermissionDenied when `user` may not do `action` ("publish", "subscribe",
+    "consume"; ack, nack and extend count as consume) on the named topic or queue. The owner
+    and admins always may; otherwise an empty access list lets everyone in."""
+    if user.admin or user.user_id == meta.owner:
+        return
+    list_name = "publishers" if action == "publish" else "consumers"
+    allowed = meta.publishers if action == "publish" else meta.consumers
+    if allowed and user.user_id not in allowed:
+        raise PermissionDenied(
+            f'user {user.user_id} may not {_ACTION_WORDS[action]} {kind.value} "{name}": '
+            f"not on its {list_name} list (owner {meta.owner})"
+        )
+
+
+def _user_key(key_hash: str) -> bytes:
+    return _P_USER + key_hash.encode("utf-8", errors="surrogatepass")
 
 
 def _lookup_user(store: Store, key_hash: str) -> UserInfo | None:
-    value = store.get(_P_USER + key_hash.encode("utf-8", errors="surrogatepass"))
+    value = store.get(_user_key(key_hash))
     if value is None:
         return None
     record = json.loads(value)
-    return UserInfo(user_id=record["id"], admin=record["admin"])
+    return UserInfo(
+        user_id=record["id"], admin=record["admin"], revoked=record.get("revoked", False)
+    )
+
+
+def _authenticated(store: Store, key_hash: str) -> UserInfo:
+    """Raises Unauthenticated for an unknown or revoked key."""
+    user = _lookup_user(store, key_hash)
+    if user is None:
+        raise Unauthenticated("unknown key")
+    if user.revoked:
+        raise Unauthenticated(f"the key of user {user.user_id} has been revoked")
+    return user
+
+
+def _visible_lists(
+    user: UserInfo, meta: _TopicMeta | _QueueMeta
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Access lists are the owner's business: shown to the owner and admins, empty to others."""
+    if user.admin or user.user_id == meta.owner:
+        return tuple(meta.publishers), tuple(meta.consumers)
+    return (), ()
+
+
+def _owned_key(kind: Kind, user_id: str) -> bytes:
+    prefix = _P_OWNED_TOPICS if kind is Kind.TOPIC else _P_OWNED_QUEUES
+    return prefix + user_id.encode()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,11 +477,30 @@ class StateMachine:
         return results
 
     def authenticate(self, store: Store, key_hash: str) -> UserInfo:
-        """Raises Unauthenticated when no user has this key hash."""
-        user = _lookup_user(store, key_hash)
-        if user is None:
-            raise Unauthenticated("unknown key")
-        return user
+        """Raises Unauthenticated when no user has this key hash, or its key was revoked."""
+        return _authenticated(store, key_hash)
+
+    def list_users(self, store: Store, key_hash: str) -> list[UserSummary]:
+        """Every user in creation order, revoked ones included. Admins only: raises
+        PermissionDenied for anyone else (at most USERS_MAX rows)."""
+        user = self.authenticate(store, key_hash)
+        if not user.admin:
+            raise PermissionDenied(f"user {user.user_id} is not an admin; only admins list users")
+        users: list[UserSummary] = []
+        for _, value in _scan_all(store, _P_USER):
+            record = json.loads(value)
+            user_id = record["id"]
+            users.append(
+                UserSummary(
+                    user_id=user_id,
+                    admin=record["admin"],
+                    revoked=record.get("revoked", False),
+                    topics_owned=_get_counter(store, _owned_key(Kind.TOPIC, user_id)),
+                    queues_owned=_get_counter(store, _owned_key(Kind.QUEUE, user_id)),
+                )
+            )
+        users.sort(key=lambda summary: (len(summary.user_id), summary.user_id))
+        return users
 
     def list_topics(self, store: Store, key_hash: str, owned_only: bool) -> list[TopicInfo]:
         """Every topic sorted by name (only the caller's with `owned_only`)."""
@@ -428,8 +511,17 @@ class StateMachine:
             if owned_only and meta.owner != user.user_id:
                 continue
             subscribed = store.get(_subscription_key(meta.incarnation, user.user_id)) is not None
+            publishers, consumers = _visible_lists(user, meta)
             topics.append(
-                TopicInfo(name, meta.owner, subscribed, meta.first_offset, meta.next_offset)
+                TopicInfo(
+                    name,
+                    meta.owner,
+                    subscribed,
+                    meta.first_offset,
+                    meta.next_offset,
+                    publishers,
+                    consumers,
+                )
             )
         return topics
 
@@ -447,7 +539,12 @@ class StateMachine:
             prefix = _P_VISIBILITY + _u64(meta.incarnation)
             later = store.scan(prefix, prefix + _u64(clock + 1), limit=limits.IN_FLIGHT_COUNT_MAX)
             in_flight = sum(1 for _, mark in later if mark == _LEASED)
-            queues.append(QueueInfo(name, meta.owner, subscribed, meta.depth, in_flight))
+            publishers, consumers = _visible_lists(user, meta)
+            queues.append(
+                QueueInfo(
+                    name, meta.owner, subscribed, meta.depth, in_flight, publishers, consumers
+                )
+            )
         return queues
 
 
@@ -458,7 +555,8 @@ def _scan_all(store: Store, prefix: bytes) -> list[tuple[str, bytes]]:
     start = prefix
     while True:
         page = store.scan(prefix, start, limit=_SCAN_PAGE)
-        found.extend((key[len(prefix) :].decode(), value) for key, value in page)
+        for key, value in page:
+            found.append((key[len(prefix) :].decode("utf-8", "surrogatepass"), value))
         if len(page) < _SCAN_PAGE:
             return found
         start = page[-1][0] + b"\x00"
@@ -483,16 +581,19 @@ class _Applier:
             Ack: self.ack,
             Nack: self.nack,
             Extend: self.extend,
+            CreateUserAsAdmin: self.create_user_as_admin,
+            RevokeUser: self.revoke_user,
+            SetAccess: self.set_access,
         }
 
     # -- dispatch and housekeeping ------------------------------------------------------------
 
     def apply(self, command: Command) -> Result:
         if isinstance(command, CreateUser):
-            return self.create_user(command)
-        user = _lookup_user(self.store, command.key_hash)
-        if user is None:
-            raise Unauthenticated("unknown key")
+            return self.create_user(command.key_hash, command.admin)
+        if isinstance(command, EnsureAdmin):
+            return self.ensure_admin(command)
+        user = _authenticated(self.store, command.key_hash)
         return self.handlers[type(command)](user, command)
 
     def housekeep(self) -> None:
@@ -560,13 +661,17 @@ class _Applier:
 
     # -- users --------------------------------------------------------------------------------
 
-    def create_user(self, command: CreateUser) -> Result:
-        if not 1 <= len(command.key_hash) <= limits.KEY_HASH_CHARS_MAX:
+    @staticmethod
+    def check_key_hash(key_hash: str) -> None:
+        if not 1 <= len(key_hash) <= limits.KEY_HASH_CHARS_MAX:
             raise InvalidArgument(
                 f"key hash must be 1 to key_hash_chars_max {limits.KEY_HASH_CHARS_MAX} "
-                f"characters, got {len(command.key_hash)}"
+                f"characters, got {len(key_hash)}"
             )
-        existing = _lookup_user(self.store, command.key_hash)
+
+    def create_user(self, key_hash: str, admin: bool) -> Result:
+        self.check_key_hash(key_hash)
+        existing = _lookup_user(self.store, key_hash)
         if existing is not None:
             raise AlreadyExists("user", existing.user_id)
         count = _get_counter(self.store, _K_USERS)
@@ -574,9 +679,131 @@ class _Applier:
             raise ResourceExhausted(f"user count is at users_max {limits.USERS_MAX}")
         user_id = f"u{count + 1}"
         self.store.put(_K_USERS, _u64(count + 1))
-        key = _P_USER + command.key_hash.encode("utf-8", errors="surrogatepass")
-        self.store.put(key, _encode_json({"admin": command.admin, "id": user_id}))
+        self.store.put(_user_key(key_hash), _encode_json({"admin": admin, "id": user_id}))
+        self.store.put(_P_USER_INDEX + user_id.encode(), key_hash.encode("utf-8", "surrogatepass"))
         return UserCreated(user_id)
+
+    def create_user_as_admin(self, user: UserInfo, command: CreateUserAsAdmin) -> Result:
+        if not user.admin:
+            what = "admin users" if command.admin else "users on this cluster"
+            raise PermissionDenied(
+                f"user {user.user_id} is not an admin; only an admin may create {what}"
+            )
+        return self.create_user(command.new_key_hash, command.admin)
+
+    def ensure_admin(self, command: EnsureAdmin) -> Result:
+        self.check_key_hash(command.key_hash)
+        existing = _lookup_user(self.store, command.key_hash)
+        if existing is None:
+            return self.create_user(command.key_hash, admin=True)
+        if existing.revoked:
+            raise FailedPrecondition(
+                f"the configured admin key (user {existing.user_id}) has been revoked; "
+                "configure a new admin key"
+            )
+        if not existing.admin:
+            self.put_user(command.key_hash, existing.user_id, admin=True, revoked=False)
+        return UserCreated(existing.user_id)
+
+    def put_user(self, key_hash: str, user_id: str, admin: bool, revoked: bool) -> None:
+        record: dict[str, Any] = {"admin": admin, "id": user_id}
+        if revoked:
+            record["revoked"] = True
+        self.store.put(_user_key(key_hash), _encode_json(record))
+
+    def user_exists(self, user_id: str) -> bool:
+        """User ids are "u1".."uN" in creation order and users are never deleted."""
+        digits = user_id[1:]
+        if not (user_id.startswith("u") and digits.isascii() and digits.isdigit()):
+            return False
+        if digits.startswith("0"):
+            return False
+        return int(digits) <= _get_counter(self.store, _K_USERS)
+
+    def key_hash_of(self, user_id: str) -> str:
+        indexed = self.store.get(_P_USER_INDEX + user_id.encode())
+        if indexed is not None:
+            return indexed.decode("utf-8", "surrogatepass")
+        for key_hash, value in _scan_all(self.store, _P_USER):
+            if json.loads(value)["id"] == user_id:
+                return key_hash
+        raise NotFound(f"user {user_id} does not exist")
+
+    def check_user_id(self, what: str, user_id: str) -> None:
+        _check_int(
+            what, len(user_id.encode()), 1, limits.USER_ID_BYTES_MAX, "user_id_bytes_max", "bytes"
+        )
+        if not self.user_exists(user_id):
+            raise NotFound(f"user {user_id!r} does not exist")
+
+    def revoke_user(self, user: UserInfo, command: RevokeUser) -> Result:
+        if not user.admin:
+            raise PermissionDenied(
+                f"user {user.user_id} is not an admin; only an admin may revoke keys"
+            )
+        self.check_user_id("user_id", command.user_id)
+        if command.user_id == user.user_id:
+            raise FailedPrecondition(
+                f"user {user.user_id} cannot revoke its own key; ask another admin"
+            )
+        key_hash = self.key_hash_of(command.user_id)
+        target = _lookup_user(self.store, key_hash)
+        assert target is not None, "the user index points at a missing user"
+        if not target.revoked:
+            self.put_user(key_hash, target.user_id, admin=target.admin, revoked=True)
+        return Done()
+
+    # -- access lists -------------------------------------------------------------------------
+
+    def access_list(self, what: str, user_ids: tuple[str, ...]) -> list[str]:
+        """The list in canonical form (sorted, no repeats), every id an existing user."""
+        unique = sorted(set(user_ids), key=lambda user_id: (len(user_id), user_id))
+        _check_int(what, len(unique), 0, limits.ACCESS_LIST_USERS_MAX, "access_list_users_max")
+        for user_id in unique:
+            self.check_user_id(f"{what} entry", user_id)
+        return unique
+
+    def set_access(self, user: UserInfo, command: SetAccess) -> Result:
+        meta: _TopicMeta | _QueueMeta
+        if command.kind is Kind.TOPIC:
+            meta = self.existing_topic(command.name)
+        else:
+            meta = self.existing_queue(command.name)
+        self.check_owner(user, command.kind, command.name, meta.owner, "change its access lists")
+        meta.publishers = self.access_list("publishers", command.publishers)
+        meta.consumers = self.access_list("consumers", command.consumers)
+        if isinstance(meta, _TopicMeta):
+            self.put_topic_meta(command.name, meta)
+        else:
+            self.put_queue_meta(command.name, meta)
+        return Done()
+
+    # -- per-user ownership counts ------------------------------------------------------------
+
+    def check_owned(self, user: UserInfo, kind: Kind) -> None:
+        if user.admin:
+            return
+        owned = _get_counter(self.store, _owned_key(kind, user.user_id))
+        limit_name, limit = (
+            ("user_topics_max", limits.USER_TOPICS_MAX)
+            if kind is Kind.TOPIC
+            else ("user_queues_max", limits.USER_QUEUES_MAX)
+        )
+        if owned >= limit:
+            raise ResourceExhausted(
+                f"user {user.user_id} owns {owned} {kind.value}s, at {limit_name} {limit}; "
+                f"delete one before creating another"
+            )
+
+    def count_owned(self, kind: Kind, user_id: str, delta: int) -> None:
+        """Owned counts never go below zero: what was created before they were kept is not
+        counted, so deleting it must not make room twice."""
+        key = _owned_key(kind, user_id)
+        value = max(0, _get_counter(self.store, key) + delta)
+        if value:
+            self.store.put(key, _u64(value))
+        else:
+            self.store.delete(key)
 
     # -- topics and queues: create and delete -------------------------------------------------
 
@@ -594,6 +821,7 @@ class _Applier:
         count = _get_counter(self.store, _K_TOPICS)
         if count >= limits.TOPICS_MAX:
             raise ResourceExhausted(f"topic count is at topics_max {limits.TOPICS_MAX}")
+        self.check_owned(user, Kind.TOPIC)
         meta = _TopicMeta(
             incarnation=self.bump(_K_INCARNATION, 1),
             owner=user.user_id,
@@ -604,6 +832,7 @@ class _Applier:
             stored_bytes=0,
         )
         self.store.put(_K_TOPICS, _u64(count + 1))
+        self.count_owned(Kind.TOPIC, user.user_id, 1)
         self.put_topic_meta(command.name, meta)
         return Created(Kind.TOPIC, command.name, created=True)
 
@@ -646,6 +875,7 @@ class _Applier:
         count = _get_counter(self.store, _K_QUEUES)
         if count >= limits.QUEUES_MAX:
             raise ResourceExhausted(f"queue count is at queues_max {limits.QUEUES_MAX}")
+        self.check_owned(user, Kind.QUEUE)
         meta = _QueueMeta(
             incarnation=self.bump(_K_INCARNATION, 1),
             owner=user.user_id,
@@ -660,28 +890,32 @@ class _Applier:
             depth=0,
         )
         self.store.put(_K_QUEUES, _u64(count + 1))
+        self.count_owned(Kind.QUEUE, user.user_id, 1)
         self.put_queue_meta(command.name, meta)
         return Created(Kind.QUEUE, command.name, created=True)
 
-    def check_may_delete(self, user: UserInfo, kind: Kind, name: str, owner: str) -> None:
+    def check_owner(
+        self, user: UserInfo, kind: Kind, name: str, owner: str, action: str = "delete it"
+    ) -> None:
         if not (user.admin or owner == user.user_id):
             raise PermissionDenied(
-                f'{kind.value} "{name}" belongs to {owner}; only its owner or an admin may '
-                "delete it"
+                f'{kind.value} "{name}" belongs to {owner}; only its owner or an admin may {action}'
             )
 
     def delete_topic(self, user: UserInfo, command: DeleteTopic) -> Result:
         meta = self.existing_topic(command.name)
-        self.check_may_delete(user, Kind.TOPIC, command.name, meta.owner)
+        self.check_owner(user, Kind.TOPIC, command.name, meta.owner)
         self.store.delete(_P_TOPIC_META + command.name.encode())
+        self.count_owned(Kind.TOPIC, meta.owner, -1)
         self.bump(_K_TOPICS, -1)
         self.store.put(_P_DELETED + _u64(meta.incarnation), Kind.TOPIC.value.encode())
         return Deleted(Kind.TOPIC, command.name)
 
     def delete_queue(self, user: UserInfo, command: DeleteQueue) -> Result:
         meta = self.existing_queue(command.name)
-        self.check_may_delete(user, Kind.QUEUE, command.name, meta.owner)
+        self.check_owner(user, Kind.QUEUE, command.name, meta.owner)
         self.store.delete(_P_QUEUE_META + command.name.encode())
+        self.count_owned(Kind.QUEUE, meta.owner, -1)
         self.bump(_K_QUEUES, -1)
         self.store.put(_P_DELETED + _u64(meta.incarnation), Kind.QUEUE.value.encode())
         return Deleted(Kind.QUEUE, command.name)
@@ -691,11 +925,11 @@ class _Applier:
     def subscribe(self, user: UserInfo, command: Subscribe) -> Result:
         if command.kind is Kind.QUEUE:
             queue = self.existing_queue(command.name)
-            _authorize(user, "subscribe", Kind.QUEUE, command.name, queue.owner)
+            _authorize(user, "subscribe", Kind.QUEUE, command.name, queue)
             self.store.put(_consumer_key(queue.incarnation, user.user_id), b"")
             return Subscribed(Kind.QUEUE, command.name, 0)
         topic = self.existing_topic(command.name)
-        _authorize(user, "subscribe", Kind.TOPIC, command.name, topic.owner)
+        _authorize(user, "subscribe", Kind.TOPIC, command.name, topic)
         key = _subscription_key(topic.incarnation, user.user_id)
         value = self.store.get(key)
         if value is not None:
@@ -850,7 +1084,7 @@ class _Applier:
 
     def publish_topic(self, user: UserInfo, command: PublishBatch) -> Receipts:
         topic = self.existing_topic(command.name)
-        _authorize(user, "publish", Kind.TOPIC, command.name, topic.owner)
+        _authorize(user, "publish", Kind.TOPIC, command.name, topic)
         receipts, new_messages = self.plan_batch(topic.incarnation, command, topic.next_offset)
         producer = command.producer_id.encode()
         header = _TOPIC_MESSAGE.pack(self.clock, len(producer))
@@ -870,7 +1104,7 @@ class _Applier:
 
     def publish_queue(self, user: UserInfo, command: PublishBatch) -> Receipts:
         queue = self.existing_queue(command.name)
-        _authorize(user, "publish", Kind.QUEUE, command.name, queue.owner)
+        _authorize(user, "publish", Kind.QUEUE, command.name, queue)
         receipts, new_messages = self.plan_batch(queue.incarnation, command, queue.next_sequence)
         depth_max = min(queue.max_length or limits.QUEUE_DEPTH_MAX, limits.QUEUE_DEPTH_MAX)
         adding = len(new_messages)
@@ -964,7 +1198,7 @@ class _Applier:
 
     def consume_queue(self, user: UserInfo, command: Consume) -> Result:
         queue = self.existing_queue(command.name)
-        _authorize(user, "consume", Kind.QUEUE, command.name, queue.owner)
+        _authorize(user, "consume", Kind.QUEUE, command.name, queue)
         visibility_ms = command.visibility_timeout_ms or queue.visibility_timeout_ms
         prefix = _P_VISIBILITY + _u64(queue.incarnation)
         candidates = self.store.scan(
@@ -1018,7 +1252,7 @@ class _Applier:
 
     def consume_topic(self, user: UserInfo, command: Consume) -> Result:
         topic = self.existing_topic(command.name)
-        _authorize(user, "consume", Kind.TOPIC, command.name, topic.owner)
+        _authorize(user, "consume", Kind.TOPIC, command.name, topic)
         key = _subscription_key(topic.incarnation, user.user_id)
         cursor = self.cursor(key, command.name, user)
         if self.purge_topic(topic):
@@ -1125,7 +1359,7 @@ class _Applier:
                     cursor.redeliveries = 0
                 self.store.put(key, cursor.encode())
             return Done()
-        queue, message = self.leased_message(command.name, command.sequence)
+        queue, message = self.leased_message(user, command.name, command.sequence)
         if message is None:
             return Done()  # acked before (or dropped): acks are idempotent
         self.check_lease(command.name, command.sequence, command.delivery_count, message)
@@ -1147,7 +1381,7 @@ class _Applier:
                 cursor.redeliveries += 1
             self.store.put(key, cursor.encode())
             return Done()
-        queue, message = self.leased_message(command.name, command.sequence)
+        queue, message = self.leased_message(user, command.name, command.sequence)
         if message is None:
             return Done()  # acked or dropped meanwhile: nothing to give back
         if not message.leased and message.delivery_count == command.delivery_count:
@@ -1176,7 +1410,7 @@ class _Applier:
             cursor.lease_deadline_ms = self.clock + command.extend_ms
             self.store.put(key, cursor.encode())
             return Done()
-        queue, message = self.leased_message(command.name, command.sequence)
+        queue, message = self.leased_message(user, command.name, command.sequence)
         if message is None:
             raise FailedPrecondition(
                 f'message {command.sequence} on queue "{command.name}" is no longer stored: '
@@ -1187,11 +1421,13 @@ class _Applier:
         return Done()
 
     def leased_message(
-        self, queue_name: str, sequence: int
+        self, user: UserInfo, queue_name: str, sequence: int
     ) -> tuple[_QueueMeta, _QueueMessage | None]:
         """The queue and the stored message (None when it is gone: acked or dropped). Raises
-        NotFound for a sequence the queue never assigned."""
+        NotFound for a sequence the queue never assigned, PermissionDenied for a user no longer
+        on the queue's consumers list (ack, nack and extend count as consuming)."""
         queue = self.existing_queue(queue_name)
+        _authorize(user, "consume", Kind.QUEUE, queue_name, queue)
         if not 0 <= sequence < queue.next_sequence:
             raise NotFound(f'message {sequence} was never published to queue "{queue_name}"')
         value = self.store.get(_queue_message_key(queue.incarnation, sequence))
@@ -1225,6 +1461,7 @@ class _Applier:
         """The subscription key and its cursor; raises FailedPrecondition for an
         offset this subscription has not been handed."""
         topic = self.existing_topic(topic_name)
+        _authorize(user, "consume", Kind.TOPIC, topic_name, topic)
         key = _subscription_key(topic.incarnation, user.user_id)
         cursor = self.cursor(key, topic_name, user)
         if offset >= cursor.delivered or offset < 0:
