@@ -8,10 +8,17 @@ trailing metadata `chasqui-leader`.
 
 Reads (listings, whoami) run on the leader after a read barrier (an empty entry committed
 through Raft), so they see every write acknowledged before they started.
+
+Security at this edge: keys arrive as `authorization: Bearer <key>` and are hashed at once (only
+the hash is replicated, and neither is logged); with signup closed, CreateUser needs an admin
+key; and each client connection may have at most `calls_in_flight_per_connection_max` calls in
+flight, so one client cannot take every worker thread. Who may do what to a topic or queue is
+decided by the state machine, identically on every replica.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -33,6 +40,7 @@ from chasqui_node.commands import (
     CreateQueue,
     CreateTopic,
     CreateUser,
+    CreateUserAsAdmin,
     DeleteQueue,
     DeleteTopic,
     Deliveries,
@@ -46,6 +54,8 @@ from chasqui_node.commands import (
     Receipt,
     Receipts,
     Result,
+    RevokeUser,
+    SetAccess,
     StartPosition,
     Subscribe,
     Subscribed,
@@ -137,6 +147,14 @@ def _check_at_most(what: str, value: int, limit_name: str, limit: int, unit: str
         raise LimitExceeded(what, value, limit_name, limit, unit)
 
 
+def _check_user_id(what: str, user_id: str) -> None:
+    if not user_id:
+        raise InvalidArgument(f"{what} is empty; give a user id such as u1")
+    _check_at_most(
+        what, len(user_id.encode()), "user_id_bytes_max", limits.USER_ID_BYTES_MAX, "bytes"
+    )
+
+
 def _kind(value: int) -> Kind:
     kind = _KIND_FROM_PB.get(value)
     if kind is None:
@@ -183,6 +201,44 @@ class ChangeBoard:
             self._condition.notify_all()
 
 
+class ConnectionSlots:
+    """Bounds the calls one client connection has in flight (a bounded semaphore per gRPC
+    peer, kept as a count so idle peers cost nothing). A call over the bound is refused at once
+    with RESOURCE_EXHAUSTED rather than queued: queueing would still let one connection hold
+    every worker thread. Any thread."""
+
+    def __init__(self, slots_max: int) -> None:
+        self._lock = threading.Lock()
+        self._slots_max = slots_max
+        self._in_flight: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def hold(self, peer: str) -> Iterator[None]:
+        with self._lock:
+            count = self._in_flight.get(peer, 0)
+            if count >= self._slots_max:
+                raise ResourceExhausted(
+                    f"connection {peer} already has {count} calls in flight, at "
+                    f"calls_in_flight_per_connection_max {self._slots_max}; "
+                    "wait for one to finish or open another connection"
+                )
+            self._in_flight[peer] = count + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                remaining = self._in_flight[peer] - 1
+                if remaining:
+                    self._in_flight[peer] = remaining
+                else:
+                    del self._in_flight[peer]
+
+    def in_flight(self) -> dict[str, int]:
+        """Calls in flight by peer, for tests and diagnostics."""
+        with self._lock:
+            return dict(self._in_flight)
+
+
 class _Credit:
     """Deliveries a streaming consumer may still receive: granted by the client, spent by the
     server, capped at limits.STREAM_CREDIT_MAX so a client cannot make the server lease more
@@ -220,7 +276,8 @@ def _rpc_stream(method: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[
     @functools.wraps(method)
     def handler(self: BrokerService, requests: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         try:
-            yield from method(self, requests, context)
+            with self.connection_slots.hold(context.peer()):
+                yield from method(self, requests, context)
         except ChasquiError as error:
             self._abort(context, error)
         except Exception:
@@ -239,7 +296,8 @@ def _rpc(method: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(method)
     def handler(self: BrokerService, request: Any, context: grpc.ServicerContext) -> Any:
         try:
-            return method(self, request, context)
+            with self.connection_slots.hold(context.peer()):
+                return method(self, request, context)
         except ChasquiError as error:
             self._abort(context, error)
         except Exception:
@@ -260,11 +318,17 @@ class BrokerService(pb_grpc.BrokerServicer):
         change_board: ChangeBoard,
         *,
         proposal_timeout_s: float = limits.PROPOSAL_TIMEOUT_S_DEFAULT,
+        signup_open: bool = True,
+        calls_in_flight_per_connection_max: int = limits.CALLS_IN_FLIGHT_PER_CONNECTION_MAX,
     ) -> None:
+        """`signup_open=False` lets only admin keys create users. Every node of a cluster
+        should be configured alike: a node decides CreateUser with its own setting."""
         self._replication = replication
         self._state_machine = state_machine
         self._changes = change_board
         self._proposal_timeout_s = proposal_timeout_s
+        self._signup_open = signup_open
+        self.connection_slots = ConnectionSlots(calls_in_flight_per_connection_max)
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -277,14 +341,19 @@ class BrokerService(pb_grpc.BrokerServicer):
             context.set_trailing_metadata(((LEADER_METADATA_KEY, error.leader_address),))
         context.abort(code, error.message)
 
-    def _key_hash(self, context: grpc.ServicerContext) -> str:
+    def _key_hash(
+        self,
+        context: grpc.ServicerContext,
+        missing: str = "no key: send metadata 'authorization: Bearer <key>'",
+    ) -> str:
+        """The hash of the caller's key; the key itself goes no further than this."""
         for key, value in context.invocation_metadata():
             if key == "authorization":
                 scheme, _, token = value.partition(" ")
                 if scheme.lower() != "bearer" or not token.strip():
                     raise Unauthenticated("authorization metadata must be 'Bearer <key>'")
                 return hash_key(token.strip())
-        raise Unauthenticated("no key: send metadata 'authorization: Bearer <key>'")
+        raise Unauthenticated(missing)
 
     def _timeout_s(self, context: grpc.ServicerContext) -> float:
         remaining: float | None = context.time_remaining()
@@ -307,9 +376,67 @@ class BrokerService(pb_grpc.BrokerServicer):
     @_rpc
     def CreateUser(self, request: pb.CreateUserRequest, context: grpc.ServicerContext) -> Any:
         key = secrets.token_urlsafe(limits.KEY_BYTES)
-        result = self._propose(CreateUser(key_hash=hash_key(key)), context)
+        command: Command
+        if self._signup_open and not request.admin:
+            command = CreateUser(key_hash=hash_key(key))
+        else:
+            what = "an admin user" if request.admin else "a user: signup is closed"
+            caller = self._key_hash(
+                context,
+                missing=f"creating {what}; send an admin key as 'authorization: Bearer <key>'",
+            )
+            command = CreateUserAsAdmin(
+                key_hash=caller, new_key_hash=hash_key(key), admin=request.admin
+            )
+        result = self._propose(command, context)
         assert isinstance(result, UserCreated)
         return pb.CreateUserResponse(key=key, user_id=result.user_id)
+
+    @_rpc
+    def ListUsers(self, request: pb.ListUsersRequest, context: grpc.ServicerContext) -> Any:
+        key_hash = self._key_hash(context)
+        users = self._read(context, lambda store: self._state_machine.list_users(store, key_hash))
+        return pb.ListUsersResponse(
+            users=[
+                pb.UserInfo(
+                    user_id=user.user_id,
+                    admin=user.admin,
+                    revoked=user.revoked,
+                    topics_owned=user.topics_owned,
+                    queues_owned=user.queues_owned,
+                )
+                for user in users
+            ]
+        )
+
+    @_rpc
+    def RevokeUser(self, request: pb.RevokeUserRequest, context: grpc.ServicerContext) -> Any:
+        key_hash = self._key_hash(context)
+        _check_user_id("user_id", request.user_id)
+        self._propose(RevokeUser(key_hash=key_hash, user_id=request.user_id), context)
+        return pb.RevokeUserResponse()
+
+    @_rpc
+    def SetAccess(self, request: pb.SetAccessRequest, context: grpc.ServicerContext) -> Any:
+        key_hash = self._key_hash(context)
+        kind = _kind(request.kind)
+        check_name(kind, request.name)
+        lists = (("publishers", request.publishers), ("consumers", request.consumers))
+        for what, user_ids in lists:
+            _check_at_most(
+                what, len(user_ids), "access_list_users_max", limits.ACCESS_LIST_USERS_MAX
+            )
+            for user_id in user_ids:
+                _check_user_id(f"{what} entry", user_id)
+        command = SetAccess(
+            key_hash=key_hash,
+            kind=kind,
+            name=request.name,
+            publishers=tuple(request.publishers),
+            consumers=tuple(request.consumers),
+        )
+        self._propose(command, context)
+        return pb.SetAccessResponse()
 
     @_rpc
     def WhoAmI(self, request: pb.WhoAmIRequest, context: grpc.ServicerContext) -> Any:
@@ -358,6 +485,8 @@ class BrokerService(pb_grpc.BrokerServicer):
                     subscribed=topic.subscribed,
                     first_offset=topic.first_offset,
                     next_offset=topic.next_offset,
+                    publishers=topic.publishers,
+                    consumers=topic.consumers,
                 )
                 for topic in topics
             ]
@@ -429,6 +558,8 @@ class BrokerService(pb_grpc.BrokerServicer):
                     subscribed=queue.subscribed,
                     depth=queue.depth,
                     in_flight=queue.in_flight,
+                    publishers=queue.publishers,
+                    consumers=queue.consumers,
                 )
                 for queue in queues
             ]

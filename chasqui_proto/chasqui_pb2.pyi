@@ -3,8 +3,10 @@
 isort:skip_file
 Chasqui broker API, served by every node.
 
-Authentication: every call except CreateUser carries gRPC metadata
-`authorization: Bearer <key>`. Writes and reads go to the leader; a follower answers
+Authentication: every call except CreateUser (when signup is open) and ClusterStatus carries
+gRPC metadata `authorization: Bearer <key>`. A missing, unknown or revoked key gets
+UNAUTHENTICATED; a known user doing what it may not (not the owner, not on an access list, not
+an admin) gets PERMISSION_DENIED. Writes and reads go to the leader; a follower answers
 UNAVAILABLE with the leader's client address in trailing metadata `chasqui-leader`.
 
 Field numbers are part of the wire format: never reuse or renumber one. Removed fields are
@@ -61,14 +63,21 @@ Global___Overflow: _TypeAlias = Overflow  # noqa: Y015
 
 @_typing.final
 class CreateUserRequest(_message.Message):
+    """With signup closed, only an admin key may create users; `admin` always needs one."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
+    ADMIN_FIELD_NUMBER: _builtins.int
+    admin: _builtins.bool
+    """create an admin user"""
     def __init__(
         self,
+        *,
+        admin: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin", b"admin"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -247,11 +256,19 @@ class TopicInfo(_message.Message):
     SUBSCRIBED_FIELD_NUMBER: _builtins.int
     FIRST_OFFSET_FIELD_NUMBER: _builtins.int
     NEXT_OFFSET_FIELD_NUMBER: _builtins.int
+    PUBLISHERS_FIELD_NUMBER: _builtins.int
+    CONSUMERS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     owner: _builtins.str
     subscribed: _builtins.bool
     first_offset: _builtins.int
     next_offset: _builtins.int
+    @_builtins.property
+    def publishers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """access lists: shown to the owner and admins only"""
+
+    @_builtins.property
+    def consumers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -260,10 +277,12 @@ class TopicInfo(_message.Message):
         subscribed: _builtins.bool = ...,
         first_offset: _builtins.int = ...,
         next_offset: _builtins.int = ...,
+        publishers: _abc.Iterable[_builtins.str] | None = ...,
+        consumers: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_offset", b"first_offset", "name", b"name", "next_offset", b"next_offset", "owner", b"owner", "subscribed", b"subscribed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumers", b"consumers", "first_offset", b"first_offset", "name", b"name", "next_offset", b"next_offset", "owner", b"owner", "publishers", b"publishers", "subscribed", b"subscribed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -415,6 +434,8 @@ class QueueInfo(_message.Message):
     SUBSCRIBED_FIELD_NUMBER: _builtins.int
     DEPTH_FIELD_NUMBER: _builtins.int
     IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    PUBLISHERS_FIELD_NUMBER: _builtins.int
+    CONSUMERS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     owner: _builtins.str
     subscribed: _builtins.bool
@@ -422,6 +443,12 @@ class QueueInfo(_message.Message):
     """stored messages: ready, delayed or leased"""
     in_flight: _builtins.int
     """leased now"""
+    @_builtins.property
+    def publishers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """access lists: shown to the owner and admins only"""
+
+    @_builtins.property
+    def consumers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -430,10 +457,12 @@ class QueueInfo(_message.Message):
         subscribed: _builtins.bool = ...,
         depth: _builtins.int = ...,
         in_flight: _builtins.int = ...,
+        publishers: _abc.Iterable[_builtins.str] | None = ...,
+        consumers: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["depth", b"depth", "in_flight", b"in_flight", "name", b"name", "owner", b"owner", "subscribed", b"subscribed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumers", b"consumers", "depth", b"depth", "in_flight", b"in_flight", "name", b"name", "owner", b"owner", "publishers", b"publishers", "subscribed", b"subscribed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1082,3 +1111,152 @@ class ClusterStatusResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ClusterStatusResponse: _TypeAlias = ClusterStatusResponse  # noqa: Y015
+
+@_typing.final
+class ListUsersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListUsersRequest: _TypeAlias = ListUsersRequest  # noqa: Y015
+
+@_typing.final
+class UserInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    ADMIN_FIELD_NUMBER: _builtins.int
+    REVOKED_FIELD_NUMBER: _builtins.int
+    TOPICS_OWNED_FIELD_NUMBER: _builtins.int
+    QUEUES_OWNED_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    admin: _builtins.bool
+    revoked: _builtins.bool
+    topics_owned: _builtins.int
+    queues_owned: _builtins.int
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        admin: _builtins.bool = ...,
+        revoked: _builtins.bool = ...,
+        topics_owned: _builtins.int = ...,
+        queues_owned: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin", b"admin", "queues_owned", b"queues_owned", "revoked", b"revoked", "topics_owned", b"topics_owned", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UserInfo: _TypeAlias = UserInfo  # noqa: Y015
+
+@_typing.final
+class ListUsersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def users(self) -> _containers.RepeatedCompositeFieldContainer[Global___UserInfo]: ...
+    def __init__(
+        self,
+        *,
+        users: _abc.Iterable[Global___UserInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["users", b"users"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListUsersResponse: _TypeAlias = ListUsersResponse  # noqa: Y015
+
+@_typing.final
+class RevokeUserRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeUserRequest: _TypeAlias = RevokeUserRequest  # noqa: Y015
+
+@_typing.final
+class RevokeUserResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeUserResponse: _TypeAlias = RevokeUserResponse  # noqa: Y015
+
+@_typing.final
+class SetAccessRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    PUBLISHERS_FIELD_NUMBER: _builtins.int
+    CONSUMERS_FIELD_NUMBER: _builtins.int
+    kind: Global___Kind.ValueType
+    name: _builtins.str
+    @_builtins.property
+    def publishers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """user ids; empty: anyone may publish"""
+
+    @_builtins.property
+    def consumers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """user ids; empty: anyone may subscribe and consume"""
+
+    def __init__(
+        self,
+        *,
+        kind: Global___Kind.ValueType = ...,
+        name: _builtins.str = ...,
+        publishers: _abc.Iterable[_builtins.str] | None = ...,
+        consumers: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumers", b"consumers", "kind", b"kind", "name", b"name", "publishers", b"publishers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetAccessRequest: _TypeAlias = SetAccessRequest  # noqa: Y015
+
+@_typing.final
+class SetAccessResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetAccessResponse: _TypeAlias = SetAccessResponse  # noqa: Y015

@@ -124,6 +124,21 @@ class BrokerStub:
                 request_serializer=chasqui__pb2.ClusterStatusRequest.SerializeToString,
                 response_deserializer=chasqui__pb2.ClusterStatusResponse.FromString,
                 _registered_method=True)
+        self.ListUsers = channel.unary_unary(
+                '/chasqui.v1.Broker/ListUsers',
+                request_serializer=chasqui__pb2.ListUsersRequest.SerializeToString,
+                response_deserializer=chasqui__pb2.ListUsersResponse.FromString,
+                _registered_method=True)
+        self.RevokeUser = channel.unary_unary(
+                '/chasqui.v1.Broker/RevokeUser',
+                request_serializer=chasqui__pb2.RevokeUserRequest.SerializeToString,
+                response_deserializer=chasqui__pb2.RevokeUserResponse.FromString,
+                _registered_method=True)
+        self.SetAccess = channel.unary_unary(
+                '/chasqui.v1.Broker/SetAccess',
+                request_serializer=chasqui__pb2.SetAccessRequest.SerializeToString,
+                response_deserializer=chasqui__pb2.SetAccessResponse.FromString,
+                _registered_method=True)
 
 
 class BrokerServicer:
@@ -246,6 +261,29 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListUsers(self, request, context):
+        """Administration (admin key only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeUser(self, request, context):
+        """The key is refused from then on; the user's topics and queues stay until an admin deletes
+        them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetAccess(self, request, context):
+        """Access control (the owner or an admin): who may publish to and consume from a topic or
+        queue. An empty list lets every user in; the owner and admins are always allowed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -338,6 +376,21 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.ClusterStatus,
                     request_deserializer=chasqui__pb2.ClusterStatusRequest.FromString,
                     response_serializer=chasqui__pb2.ClusterStatusResponse.SerializeToString,
+            ),
+            'ListUsers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUsers,
+                    request_deserializer=chasqui__pb2.ListUsersRequest.FromString,
+                    response_serializer=chasqui__pb2.ListUsersResponse.SerializeToString,
+            ),
+            'RevokeUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeUser,
+                    request_deserializer=chasqui__pb2.RevokeUserRequest.FromString,
+                    response_serializer=chasqui__pb2.RevokeUserResponse.SerializeToString,
+            ),
+            'SetAccess': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAccess,
+                    request_deserializer=chasqui__pb2.SetAccessRequest.FromString,
+                    response_serializer=chasqui__pb2.SetAccessResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -826,6 +879,87 @@ class Broker:
             '/chasqui.v1.Broker/ClusterStatus',
             chasqui__pb2.ClusterStatusRequest.SerializeToString,
             chasqui__pb2.ClusterStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUsers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chasqui.v1.Broker/ListUsers',
+            chasqui__pb2.ListUsersRequest.SerializeToString,
+            chasqui__pb2.ListUsersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chasqui.v1.Broker/RevokeUser',
+            chasqui__pb2.RevokeUserRequest.SerializeToString,
+            chasqui__pb2.RevokeUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAccess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chasqui.v1.Broker/SetAccess',
+            chasqui__pb2.SetAccessRequest.SerializeToString,
+            chasqui__pb2.SetAccessResponse.FromString,
             options,
             channel_credentials,
             insecure,

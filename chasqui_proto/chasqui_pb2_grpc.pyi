@@ -3,8 +3,10 @@
 isort:skip_file
 Chasqui broker API, served by every node.
 
-Authentication: every call except CreateUser carries gRPC metadata
-`authorization: Bearer <key>`. Writes and reads go to the leader; a follower answers
+Authentication: every call except CreateUser (when signup is open) and ClusterStatus carries
+gRPC metadata `authorization: Bearer <key>`. A missing, unknown or revoked key gets
+UNAUTHENTICATED; a known user doing what it may not (not the owner, not on an access list, not
+an admin) gets PERMISSION_DENIED. Writes and reads go to the leader; a follower answers
 UNAVAILABLE with the leader's client address in trailing metadata `chasqui-leader`.
 
 Field numbers are part of the wire format: never reuse or renumber one. Removed fields are
@@ -68,6 +70,16 @@ class BrokerStub:
     Extend: _grpc.UnaryUnaryMultiCallable[_chasqui_pb2.ExtendRequest, _chasqui_pb2.ExtendResponse]
     ClusterStatus: _grpc.UnaryUnaryMultiCallable[_chasqui_pb2.ClusterStatusRequest, _chasqui_pb2.ClusterStatusResponse]
     """Cluster."""
+    ListUsers: _grpc.UnaryUnaryMultiCallable[_chasqui_pb2.ListUsersRequest, _chasqui_pb2.ListUsersResponse]
+    """Administration (admin key only)."""
+    RevokeUser: _grpc.UnaryUnaryMultiCallable[_chasqui_pb2.RevokeUserRequest, _chasqui_pb2.RevokeUserResponse]
+    """The key is refused from then on; the user's topics and queues stay until an admin deletes
+    them.
+    """
+    SetAccess: _grpc.UnaryUnaryMultiCallable[_chasqui_pb2.SetAccessRequest, _chasqui_pb2.SetAccessResponse]
+    """Access control (the owner or an admin): who may publish to and consume from a topic or
+    queue. An empty list lets every user in; the owner and admins are always allowed.
+    """
 
 @_typing.type_check_only
 class BrokerAsyncStub(BrokerStub):
@@ -101,6 +113,16 @@ class BrokerAsyncStub(BrokerStub):
     Extend: _aio.UnaryUnaryMultiCallable[_chasqui_pb2.ExtendRequest, _chasqui_pb2.ExtendResponse]  # type: ignore[assignment]
     ClusterStatus: _aio.UnaryUnaryMultiCallable[_chasqui_pb2.ClusterStatusRequest, _chasqui_pb2.ClusterStatusResponse]  # type: ignore[assignment]
     """Cluster."""
+    ListUsers: _aio.UnaryUnaryMultiCallable[_chasqui_pb2.ListUsersRequest, _chasqui_pb2.ListUsersResponse]  # type: ignore[assignment]
+    """Administration (admin key only)."""
+    RevokeUser: _aio.UnaryUnaryMultiCallable[_chasqui_pb2.RevokeUserRequest, _chasqui_pb2.RevokeUserResponse]  # type: ignore[assignment]
+    """The key is refused from then on; the user's topics and queues stay until an admin deletes
+    them.
+    """
+    SetAccess: _aio.UnaryUnaryMultiCallable[_chasqui_pb2.SetAccessRequest, _chasqui_pb2.SetAccessResponse]  # type: ignore[assignment]
+    """Access control (the owner or an admin): who may publish to and consume from a topic or
+    queue. An empty list lets every user in; the owner and admins are always allowed.
+    """
 
 class BrokerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -239,5 +261,33 @@ class BrokerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_chasqui_pb2.ClusterStatusResponse, _abc.Awaitable[_chasqui_pb2.ClusterStatusResponse]]:
         """Cluster."""
+
+    @_abc_1.abstractmethod
+    def ListUsers(
+        self,
+        request: _chasqui_pb2.ListUsersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_chasqui_pb2.ListUsersResponse, _abc.Awaitable[_chasqui_pb2.ListUsersResponse]]:
+        """Administration (admin key only)."""
+
+    @_abc_1.abstractmethod
+    def RevokeUser(
+        self,
+        request: _chasqui_pb2.RevokeUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_chasqui_pb2.RevokeUserResponse, _abc.Awaitable[_chasqui_pb2.RevokeUserResponse]]:
+        """The key is refused from then on; the user's topics and queues stay until an admin deletes
+        them.
+        """
+
+    @_abc_1.abstractmethod
+    def SetAccess(
+        self,
+        request: _chasqui_pb2.SetAccessRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_chasqui_pb2.SetAccessResponse, _abc.Awaitable[_chasqui_pb2.SetAccessResponse]]:
+        """Access control (the owner or an admin): who may publish to and consume from a topic or
+        queue. An empty list lets every user in; the owner and admins are always allowed.
+        """
 
 def add_BrokerServicer_to_server(servicer: BrokerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
