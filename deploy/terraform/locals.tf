@@ -17,7 +17,7 @@ locals {
   # Host addresses start at .10: AWS reserves .0-.3 and .255 in every subnet.
   nodes = {
     for index in range(var.node_count) : "n${index + 1}" => {
-      zone_index = index % 3
+      zone_index = index % 3,
       private_ip = cidrhost(local.subnet_cidrs[index % 3], 10 + floor(index / 3))
     }
   }
