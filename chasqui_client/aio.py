@@ -20,6 +20,7 @@ without an error.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 import uuid
@@ -352,16 +353,26 @@ class Client:
     async def _iterate(
         self, kind: Kind, name: str, batch: int, wait_s: float, visibility_timeout_ms: int
     ) -> AsyncIterator[Message]:
+        next_offset: int | None = None  # topics: the offset after the last one yielded
         while not self.closed:
             try:
                 messages = await self._run(
                     calls.consume(kind, name, batch, wait_s, visibility_timeout_ms, self)
                 )
+                if kind is Kind.TOPIC and messages and next_offset is not None:
+                    if messages[0].sequence > next_offset:
+                        # Offsets skipped by a lost reply: rewind rather than ack past them
+                        # (see the sync client's `_rewound_after_gap`).
+                        with contextlib.suppress(errors.FailedPrecondition):
+                            await self.nack(messages[0])
+                        continue
+                    messages = [m for m in messages if m.sequence >= next_offset]
             except (errors.ChasquiError, RuntimeError):
                 if self.closed:
                     return  # close() cut the long-poll short
                 raise
             for message in messages:
+                next_offset = message.sequence + 1
                 yield message
 
     # ---- acknowledging ---------------------------------------------------------------------

@@ -23,6 +23,7 @@ Every other status (INVALID_ARGUMENT, NOT_FOUND, ...) is raised at once as its t
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
@@ -436,7 +437,9 @@ class Client:
     ) -> Iterator[Message]:
         """Yields the topic's messages past this user's cursor forever; see `iter_queue`.
 
-        Topic acks are cumulative: acking a message also acks every earlier one.
+        Topic acks are cumulative: acking a message also acks every earlier one. One iterator
+        yields each offset at most once and in order, also across failovers (see
+        `_rewound_after_gap`); run one iterator per user and topic.
         """
         return self._iterate(Kind.TOPIC, name, batch, wait_s, 0)
 
@@ -450,21 +453,42 @@ class Client:
     def _iterate_checked(
         self, kind: Kind, name: str, batch: int, wait_s: float, visibility_timeout_ms: int
     ) -> Iterator[Message]:
+        next_offset: int | None = None  # topics: the offset after the last one yielded
         while not self.closed:
             try:
                 messages = self._run(
                     calls.consume(kind, name, batch, wait_s, visibility_timeout_ms, self)
                 )
+                if kind is Kind.TOPIC and messages and next_offset is not None:
+                    if self._rewound_after_gap(messages[0], next_offset):
+                        continue
+                    messages = [m for m in messages if m.sequence >= next_offset]
             except (errors.ChasquiError, RuntimeError):
                 if self.closed:
                     return  # close() cut the long-poll short
                 raise
             for index, message in enumerate(messages):
+                next_offset = message.sequence + 1
                 try:
                     yield message
                 except GeneratorExit:
                     self._give_back(messages[index + 1 :])
                     raise
+
+    def _rewound_after_gap(self, first: Message, next_offset: int) -> bool:
+        """True if a topic consume skipped offsets and the window was rewound to get them.
+
+        A consume whose reply was lost (the leader died after committing it) leaves the offsets
+        it leased unseen; the retry then starts past them. Acking what came next would ack them
+        too (topic acks are cumulative), so the iterator nacks instead, which rewinds the window
+        to the oldest unacked offset, and consumes again, skipping offsets it already yielded.
+        """
+        if first.sequence <= next_offset:
+            return False
+        # FailedPrecondition: the window's lease expired; the next consume starts over anyway.
+        with contextlib.suppress(errors.FailedPrecondition):
+            self.nack(first)
+        return True
 
     def _give_back(self, messages: list[Message]) -> None:
         """Best effort: nacks leases the caller will never see, so they return at once rather
