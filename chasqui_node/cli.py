@@ -3,6 +3,11 @@
 Every `start` flag may also come from `--config FILE` (TOML, same names with underscores) or a
 `CHASQUI_<NAME>` environment variable; the command line wins, then the environment, then the
 file.
+
+Security flags: `--admin-key-file` (or the `CHASQUI_ADMIN_KEY` environment variable; never a
+command-line value, which any local user could read with `ps`) names the bootstrap admin key;
+`--signup closed` lets only admins create users; `--tls-cert`/`--tls-key` (and `--tls-client-ca`
+for mutual TLS) put the client port behind TLS. `dev --tls` makes throwaway certificates.
 """
 
 from __future__ import annotations
@@ -22,10 +27,13 @@ from typing import Any
 import click
 import grpc
 
+from chasqui_node import limits
 from chasqui_node.journal import JournalCorrupt
 from chasqui_node.replication import RaftTimings
 from chasqui_node.server import ConfigError, NodeConfig, create_server, parse_cluster
+from chasqui_node.service import hash_key
 from chasqui_node.storage import StorageError
+from chasqui_node.tls import write_dev_tls
 from chasqui_proto import chasqui_pb2 as pb
 from chasqui_proto import chasqui_pb2_grpc as pb_grpc
 
@@ -34,6 +42,8 @@ logger = logging.getLogger("chasqui_node")
 DEV_CLIENT_PORT_BASE = 7101
 DEV_RAFT_PORT_BASE = 7201
 DEV_STOP_WAIT_S = 10.0  # SIGTERM, then SIGKILL after this long
+ADMIN_KEY_ENV = "CHASQUI_ADMIN_KEY"
+_KEY_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
 def _configure_logging(level: str) -> None:
@@ -61,6 +71,48 @@ def _derived_secret(cluster: str) -> str:
     who knows the member list can derive it. The node warns; production sets a real one."""
     members = ",".join(sorted(cluster.split(",")))
     return hashlib.sha256(f"chasqui-dev-secret:{members}".encode()).hexdigest()
+
+
+def admin_key_hash(key_file: Path | None, environment: dict[str, str]) -> str | None:
+    """The hash of the configured admin key (file first, then `CHASQUI_ADMIN_KEY`), or None.
+    Raises ConfigError for a key too short or not URL-safe; the message never shows the key."""
+    if key_file is not None:
+        try:
+            lines = key_file.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"cannot read admin key file {key_file}: {error}") from error
+        key = lines[0].strip() if lines else ""
+        source = f"admin key file {key_file}"
+    elif environment.get(ADMIN_KEY_ENV):
+        key = environment[ADMIN_KEY_ENV].strip()
+        source = ADMIN_KEY_ENV
+    else:
+        return None
+    if not (
+        limits.ADMIN_KEY_CHARS_MIN <= len(key) <= limits.ADMIN_KEY_CHARS_MAX
+        and set(key) <= _KEY_ALPHABET
+    ):
+        raise ConfigError(
+            f"the key in {source} must be {limits.ADMIN_KEY_CHARS_MIN} to "
+            f"{limits.ADMIN_KEY_CHARS_MAX} URL-safe characters [A-Za-z0-9_-] (at least 128 "
+            "random bits); make one with: python -c 'import secrets; "
+            "print(secrets.token_urlsafe(24))'"
+        )
+    return hash_key(key)
+
+
+def _client_credentials(
+    ca: Path | None, cert: Path | None, key: Path | None
+) -> grpc.ChannelCredentials | None:
+    if ca is None and cert is None:
+        return None
+    if (cert is None) != (key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together; give both")
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca.read_bytes() if ca else None,
+        private_key=key.read_bytes() if key else None,
+        certificate_chain=cert.read_bytes() if cert else None,
+    )
 
 
 @click.group()
@@ -126,6 +178,42 @@ def main() -> None:
     envvar="CHASQUI_RAFT_COMPACTION_ENTRIES",
     help="Snapshot the state and trim the Raft log after this many entries.",
 )
+@click.option(
+    "--admin-key-file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    envvar="CHASQUI_ADMIN_KEY_FILE",
+    help=f"File holding the bootstrap admin key (first line); or set {ADMIN_KEY_ENV}.",
+)
+@click.option(
+    "--signup",
+    type=click.Choice(["open", "closed"]),
+    default="open",
+    show_default=True,
+    envvar="CHASQUI_SIGNUP",
+    help="'closed': only an admin key may create users. Set every node alike.",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    envvar="CHASQUI_TLS_CERT",
+    help="PEM certificate chain for the client port; clients must then use TLS.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    envvar="CHASQUI_TLS_KEY",
+    help="PEM private key of --tls-cert.",
+)
+@click.option(
+    "--tls-client-ca",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    envvar="CHASQUI_TLS_CLIENT_CA",
+    help="PEM CA bundle: clients must present a certificate it signed (mutual TLS).",
+)
 @click.option("--log-level", default="info", envvar="CHASQUI_LOG_LEVEL", show_default=True)
 def start(
     node_id: str,
@@ -136,6 +224,11 @@ def start(
     cluster_secret_file: str | None,
     fsync: str,
     raft_compaction_entries: int,
+    admin_key_file: Path | None,
+    signup: str,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    tls_client_ca: Path | None,
     log_level: str,
 ) -> None:
     """Start one node of a cluster and serve until SIGTERM or SIGINT."""
@@ -157,6 +250,11 @@ def start(
             bind_host=bind_host,
             fsync=fsync == "always",
             timings=RaftTimings(log_compaction_entries_min=raft_compaction_entries),
+            admin_key_hash=admin_key_hash(admin_key_file, dict(os.environ)),
+            signup_open=signup == "open",
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_client_ca=tls_client_ca,
         )
         config.member()
         server, _port = create_server(config)
@@ -192,7 +290,12 @@ def start(
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to serve on.")
 @click.option("--client-port", default=DEV_CLIENT_PORT_BASE, show_default=True)
 @click.option("--raft-port", default=DEV_RAFT_PORT_BASE, show_default=True)
-def dev(nodes: int, data_dir: Path, host: str, client_port: int, raft_port: int) -> None:
+@click.option(
+    "--tls",
+    is_flag=True,
+    help="Serve clients over TLS with a throwaway CA and node certificate made under DATA_DIR/tls.",
+)
+def dev(nodes: int, data_dir: Path, host: str, client_port: int, raft_port: int, tls: bool) -> None:
     """Start a local cluster in the foreground; Ctrl-C stops every node."""
     if nodes < 1:
         raise click.UsageError(f"--nodes {nodes} must be at least 1")
@@ -201,6 +304,12 @@ def dev(nodes: int, data_dir: Path, host: str, client_port: int, raft_port: int)
     if not secret_file.exists():
         secret_file.write_text(secrets.token_urlsafe(32) + "\n")
         secret_file.chmod(0o600)
+    tls_arguments: list[str] = []
+    ca_path: Path | None = None
+    if tls:
+        files = write_dev_tls(data_dir / "tls", (host,))
+        ca_path = files.ca_cert
+        tls_arguments = ["--tls-cert", str(files.node_cert), "--tls-key", str(files.node_key)]
     ids = [f"n{number}" for number in range(1, nodes + 1)]
     cluster = ",".join(
         f"{node_id}={host}:{client_port + i}/{host}:{raft_port + i}"
@@ -216,6 +325,7 @@ def dev(nodes: int, data_dir: Path, host: str, client_port: int, raft_port: int)
             "--data-dir", str(node_dir),
             "--cluster", cluster,
             "--cluster-secret-file", str(secret_file),
+            *tls_arguments,
         ]  # fmt: skip
         with open(node_dir / "node.log", "ab") as log:
             processes.append(
@@ -234,9 +344,16 @@ def dev(nodes: int, data_dir: Path, host: str, client_port: int, raft_port: int)
         click.echo(f"  {node_id}  {endpoint}  (pid {process.pid})")
     click.echo("\nTry it from Python (.venv/bin/python):")
     click.echo("  from chasqui_client import Client")
-    click.echo(
-        f"  c = Client({endpoints!r}); c.create_queue('jobs'); c.publish_queue('jobs', b'hi')"
-    )
+    if ca_path is None:
+        click.echo(
+            f"  c = Client({endpoints!r}); c.create_queue('jobs'); c.publish_queue('jobs', b'hi')"
+        )
+    else:
+        click.echo("  import grpc")
+        click.echo(f"  tls = grpc.ssl_channel_credentials(open({str(ca_path)!r}, 'rb').read())")
+        click.echo(f"  c = Client({endpoints!r}, credentials=tls); c.create_queue('jobs')")
+        click.echo(f"\nTLS is on: clients trust the CA certificate {ca_path}")
+        click.echo(f"  chasqui-node status --endpoints {','.join(endpoints)} --tls-ca {ca_path}")
     click.echo("\nCtrl-C stops every node.")
     try:
         while all(process.poll() is None for process in processes):
@@ -269,12 +386,45 @@ def _stop_processes(processes: list[subprocess.Popen[bytes]]) -> None:
     help="Client addresses, comma separated.",
 )
 @click.option("--timeout-s", default=2.0, show_default=True)
-def status(endpoints: str, timeout_s: float) -> None:
+@click.option(
+    "--tls-ca",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    envvar="CHASQUI_TLS_CA",
+    help="Connect over TLS, trusting this PEM CA bundle.",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    envvar="CHASQUI_TLS_CLIENT_CERT",
+    help="Client certificate for nodes that require mutual TLS (with --tls-key).",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    envvar="CHASQUI_TLS_CLIENT_KEY",
+    help="Private key of --tls-cert.",
+)
+def status(
+    endpoints: str,
+    timeout_s: float,
+    tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+) -> None:
     """Print each node's role, term, commit/applied index and lag."""
     rows: list[tuple[str, ...]] = []
     answers: list[Any] = []
+    credentials = _client_credentials(tls_ca, tls_cert, tls_key)
     for endpoint in filter(None, (e.strip() for e in endpoints.split(","))):
-        with grpc.insecure_channel(endpoint) as channel:
+        channel = (
+            grpc.insecure_channel(endpoint)
+            if credentials is None
+            else grpc.secure_channel(endpoint, credentials)
+        )
+        with channel:
             try:
                 answer = pb_grpc.BrokerStub(channel).ClusterStatus(
                     pb.ClusterStatusRequest(), timeout=timeout_s
