@@ -12,7 +12,9 @@ Credit. The stream grants the broker `window` deliveries when it opens and one m
 delivery it handed out is acked or nacked through the client (`client.ack`, `client.nack`,
 `message.process()`), so at most `window` deliveries are ever unacked in the caller's hands or
 in the stream's buffer. The node never sends more than the credit granted. Topic acks are
-cumulative: acking offset 7 settles every earlier delivery of that topic from this stream.
+cumulative: acking offset 7 settles every earlier delivery of that topic from this stream. A
+topic stream hands out each offset once and in order, also across failovers; run one stream
+(or iterator) per user and topic.
 
 Failover. When the stream fails with UNAVAILABLE (a follower's answer, with or without a
 `chasqui-leader` hint) or the connection drops (the node died), it is reopened on the leader by
@@ -34,6 +36,7 @@ Threads: iterate from one thread; acks may come from any thread. `close()` (from
 from __future__ import annotations
 
 import collections
+import contextlib
 import queue
 import threading
 import time
@@ -79,6 +82,7 @@ class Stream:
         self._address: str | None = None
         self._opened_at = 0.0
         self._plan: routing.CallPlan | None = None
+        self._next_offset: int | None = None  # topics: the offset after the last one received
         self._closed = False
         self.reopened = 0  # how many times a failed stream was opened again (for tests, metrics)
 
@@ -179,9 +183,19 @@ class Stream:
         if self._plan is not None and self._address is not None:
             self._plan.succeeded(self._address)
             self._plan = None
+        deliveries = list(response.deliveries)
+        if self.kind is Kind.TOPIC and deliveries and self._next_offset is not None:
+            if deliveries[0].sequence > self._next_offset:
+                self._rewind(deliveries)
+                return
+            duplicates = [d for d in deliveries if d.sequence < self._next_offset]
+            deliveries = [d for d in deliveries if d.sequence >= self._next_offset]
+            with self._lock:
+                self._grant(len(duplicates))
         with self._lock:
-            for delivery in response.deliveries:
+            for delivery in deliveries:
                 message = Message.from_proto(delivery, owner=self._client, stream=self)
+                self._next_offset = message.sequence + 1
                 if self.kind is Kind.QUEUE:
                     # A redelivery replaces an expired lease of the same message.
                     stale = {item for item in self._outstanding if item[0] == message.sequence}
@@ -191,6 +205,18 @@ class Stream:
                 self._grant(len(stale))
                 self._outstanding.add((message.sequence, message.delivery_count))
                 self._buffer.append(message)
+
+    def _rewind(self, deliveries: list[chasqui_pb2.Delivery]) -> None:
+        """A topic push skipped offsets (its predecessor was lost with the old leader): nack,
+        which rewinds the window to the oldest unacked offset and settles every outstanding
+        delivery, and give back the credit of the pushed ones, which are never handed out.
+        Offsets already handed out are filtered when they come again, so each offset is
+        handed out once and in order (see `Client.iter_topic`)."""
+        first = Message.from_proto(deliveries[0], owner=self._client, stream=self)
+        with self._lock:
+            self._grant(len(deliveries))
+        with contextlib.suppress(errors.FailedPrecondition):
+            self._client.nack(first)
 
     def _failed(self, code: grpc.StatusCode, details: str, hint: str | None) -> None:
         """Drops the failed call and lets the plan decide: raises, or the next `_receive`

@@ -249,3 +249,19 @@ def test_publisher_window_bounds_unconfirmed_messages(broker: Broker, client: Cl
     broker.replication.become_leader()
     assert done.wait(15)
     publisher.close(15)
+
+
+def test_topic_stream_delivers_in_order_and_a_cumulative_ack_returns_all_credit(
+    client: Client,
+) -> None:
+    client.create_topic("news")
+    client.subscribe_topic("news")
+    client.publish_many_topic("news", [f"n{i}" for i in range(12)])
+    with client.stream_topic("news", window=4) as stream:
+        first = [next(stream) for _ in range(4)]
+        assert [m.text for m in first] == ["n0", "n1", "n2", "n3"]
+        assert stream.unacked == 4
+        client.ack(first[-1])  # acks n0..n3 at once
+        assert stream.unacked == 0
+        rest = [next(stream) for _ in range(4)]
+        assert [m.text for m in rest] == ["n4", "n5", "n6", "n7"]
