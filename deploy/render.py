@@ -82,7 +82,7 @@ class NodeBootstrap:
         for name, value in asdict(self).items():
             # Values sit between single quotes in bootstrap.sh and between double quotes in
             # node.toml; node_command is embedded as shell words, already quoted.
-            forbidden = "\n\r\"\\" if name == "node_command" else "'\n\r\"\\"
+            forbidden = '\n\r"\\' if name == "node_command" else "'\n\r\"\\"
             if any(character in value for character in forbidden):
                 raise RenderError(f"{name} {value!r} contains a quote, backslash or newline")
 

@@ -1,6 +1,6 @@
-"""Shared pieces of the deploy tests: the renderer in deploy/render.py, loaded from its path (deploy/
-is not a package), and a way to run a rendered bootstrap as a node of a harness `Cluster`, so
-that the harness's PID bookkeeping, status polling and clean-up apply unchanged."""
+"""Shared pieces of the deploy tests: the renderer in deploy/render.py, loaded from its path
+(deploy/ is not a package), and a way to run a rendered bootstrap as a node of a harness
+`Cluster`, so that the harness's PID bookkeeping, status polling and clean-up apply unchanged."""
 
 from __future__ import annotations
 
@@ -38,7 +38,9 @@ def render() -> ModuleType:
 def node_environment() -> dict[str, str]:
     """The test's environment without any CHASQUI_* setting, which would override node.toml and
     node.env: a node started from a rendered bootstrap must get everything from those files."""
-    environment = {key: value for key, value in os.environ.items() if not key.startswith("CHASQUI_")}
+    environment = {
+        key: value for key, value in os.environ.items() if not key.startswith("CHASQUI_")
+    }
     environment["PYTHONUNBUFFERED"] = "1"
     environment["PYTHONPATH"] = str(REPO_ROOT)
     return environment

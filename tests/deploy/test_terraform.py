@@ -177,14 +177,15 @@ def checkov_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         import checkov  # noqa: F401
     except ImportError:
         pytest.skip("checkov is not installed: pip install -e '.[test]'")
+    command = [
+        sys.executable, "-m", "checkov.main",
+        "--directory", str(TERRAFORM_DIR),
+        "--framework", "terraform",
+        "--skip-download",  # offline: no guidelines or policies from the vendor's API
+        "--output", "json",
+    ]  # fmt: skip
     completed = subprocess.run(
-        [
-            sys.executable, "-m", "checkov.main",
-            "--directory", str(TERRAFORM_DIR),
-            "--framework", "terraform",
-            "--skip-download",  # offline: no guidelines or policies from the vendor's API
-            "--output", "json",
-        ],  # fmt: skip
+        command,
         capture_output=True,
         text=True,
         timeout=CHECKOV_TIMEOUT_S,
@@ -211,7 +212,9 @@ def test_checkov_finds_no_failed_check(checkov_report: dict[str, Any]) -> None:
 def test_every_checkov_skip_gives_a_reason(checkov_report: dict[str, Any]) -> None:
     for check in checkov_report["results"]["skipped_checks"]:
         reason = (check["check_result"].get("suppress_comment") or "").strip()
-        assert len(reason) > 30, f"{check['check_id']} on {check['resource']} is skipped without a reason"
+        assert len(reason) > 30, (
+            f"{check['check_id']} on {check['resource']} is skipped without a reason"
+        )
     for path in TF_FILES:
         for match in SKIP_COMMENT.finditer(path.read_text()):
             assert re.match(r":\s*\S.{29,}", match.group(2)), f"{path.name}: {match.group(0)}"
@@ -242,10 +245,18 @@ def test_terraform_validate_needs_the_provider() -> None:
 
 VALIDATION_CASES = {
     "node_count": ([3, 5, 7, 9], [1, 2, 4, 6, 11, 3.5]),
-    "client_cidrs": ([["10.0.0.0/8"], ["10.1.0.0/16", "192.168.4.0/24"]], [[], ["0.0.0.0/0"], ["10.0.0.0/33"]]),
+    "client_cidrs": (
+        [["10.0.0.0/8"], ["10.1.0.0/16", "192.168.4.0/24"]],
+        [[], ["0.0.0.0/0"], ["10.0.0.0/33"]],
+    ),
     "chasqui_source": (
         ["chasqui==0.1.0", "git+https://github.com/acme/chasqui.git@v0.1.0"],
-        ["chasqui", "chasqui>=0.1", "git+https://github.com/acme/chasqui.git", "https://x@y; rm -rf /"],
+        [
+            "chasqui",
+            "chasqui>=0.1",
+            "git+https://github.com/acme/chasqui.git",
+            "https://x@y; rm -rf /",
+        ],
     ),
     "availability_zones": ([["a", "b", "c"]], [["a", "b"], ["a", "a", "b"], ["a", "b", "c", "d"]]),
     "instance_type": (["m6i.large", "t3.medium", "c7g.xlarge"], ["t2.micro", "m4.large"]),
@@ -266,7 +277,9 @@ def test_variable_validation_accepts_and_rejects(tmp_path: Path, name: str) -> N
     cases = [*accepted, *rejected]
     expressions = [condition.replace(f"var.{name}", f"({hcl(value)})") for value in cases]
     verdicts = console(tmp_path, expressions)
-    assert verdicts == [True] * len(accepted) + [False] * len(rejected), list(zip(cases, verdicts))
+    assert verdicts == [True] * len(accepted) + [False] * len(rejected), list(
+        zip(cases, verdicts, strict=True)
+    )
 
 
 # -- the templates: Terraform and render.py agree ----------------------------------------------
@@ -306,7 +319,9 @@ def test_renderer_defaults_match_terraform(render: ModuleType) -> None:
     assert variables["client_port"]["default"] == [render.CLIENT_PORT_DEFAULT]
     assert variables["raft_port"]["default"] == [render.RAFT_PORT_DEFAULT]
     assert variables["python"]["default"] == [render.PYTHON_DEFAULT]
-    (locals_block,) = [b for path in TF_FILES for b in parse(path).get("locals", []) if "config_dir" in b]
+    (locals_block,) = [
+        b for path in TF_FILES for b in parse(path).get("locals", []) if "config_dir" in b
+    ]
     assert locals_block["config_dir"] == [render.CONFIG_DIR_DEFAULT]
     assert locals_block["data_dir"] == [render.DATA_DIR_DEFAULT]
     assert locals_block["venv_dir"] == [render.VENV_DIR_DEFAULT]
@@ -372,7 +387,11 @@ def test_templates_render_the_same_in_terraform_and_renderer(
     )
     node_toml, bootstrap, user_data_text = console(
         tmp_path,
-        [call("node.toml.tftpl", node_toml_variables), call("bootstrap.sh.tftpl", values), user_data],
+        [
+            call("node.toml.tftpl", node_toml_variables),
+            call("bootstrap.sh.tftpl", values),
+            user_data,
+        ],
     )
     assert node_toml == rendered["node.toml"]
     assert bootstrap == rendered["bootstrap.sh"]
