@@ -131,6 +131,7 @@ class Client:
         self._credentials = credentials
         self._endpoints: dict[str, _Endpoint] = {}
         self._sequences = itertools.count(1)
+        self._topic_offsets: dict[str, int] = {}  # topic -> offset after the last received
         self._connecting: asyncio.Lock | None = None
         self.producer_id = uuid.uuid4().hex
         self.key: str | None = key
@@ -322,7 +323,14 @@ class Client:
     async def consume_many_topic(
         self, name: str, max_messages: int, timeout_s: float = 0
     ) -> list[Message]:
-        return await self._run(calls.consume(Kind.TOPIC, name, max_messages, timeout_s, 0, self))
+        """See `chasqui_client.Client.consume_many_topic` (it resumes at the next offset)."""
+        next_offset = self._topic_offsets.get(name)
+        messages = await self._run(
+            calls.consume(Kind.TOPIC, name, max_messages, timeout_s, 0, self, next_offset)
+        )
+        if messages:
+            self._topic_offsets[name] = messages[-1].sequence + 1
+        return messages
 
     def iter_queue(
         self,
@@ -357,7 +365,9 @@ class Client:
         while not self.closed:
             try:
                 messages = await self._run(
-                    calls.consume(kind, name, batch, wait_s, visibility_timeout_ms, self)
+                    calls.consume(
+                        kind, name, batch, wait_s, visibility_timeout_ms, self, next_offset
+                    )
                 )
                 if kind is Kind.TOPIC and messages and next_offset is not None:
                     if messages[0].sequence > next_offset:

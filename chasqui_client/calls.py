@@ -324,11 +324,13 @@ def consume(
     timeout_s: float,
     visibility_timeout_ms: int,
     owner: MessageOwner | None,
+    next_offset: int | None = None,
 ) -> Call[chasqui_pb2.ConsumeResponse, list[Message]]:
     """A long-poll consume; the messages it returns carry `owner` for `Message.process()`.
 
     A retried consume may leave an earlier lease unused; it is redelivered after its visibility
-    timeout (at-least-once), so retrying is safe.
+    timeout (at-least-once), so retrying is safe. For topics, `next_offset` (the offset after
+    the last one this client received) makes the node send a lost reply's offsets again first.
     """
     check_name(kind.value, name)
     check_consume_size(max_messages)
@@ -344,6 +346,8 @@ def consume(
         timeout_s=timeout_s,
         visibility_timeout_ms=visibility_timeout_ms,
     )
+    if next_offset is not None and kind is Kind.TOPIC:
+        request.next_offset = next_offset
     return Call(
         "Consume",
         request,

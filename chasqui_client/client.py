@@ -165,6 +165,7 @@ class Client:
         self.producer_id = uuid.uuid4().hex
         self._credentials = credentials
         self._lock = threading.Lock()
+        self._topic_offsets: dict[str, int] = {}  # topic -> offset after the last received
         self._router = routing.Router(addresses)
         self._endpoints: dict[str, _Endpoint] = {}
         self._sequences = itertools.count(1)
@@ -406,8 +407,20 @@ class Client:
     def consume_many_topic(
         self, name: str, max_messages: int, timeout_s: float = 0
     ) -> list[Message]:
-        """Up to `max_messages` (1..500) past the cursor, waiting up to `timeout_s` for one."""
-        return self._run(calls.consume(Kind.TOPIC, name, max_messages, timeout_s, 0, self))
+        """Up to `max_messages` (1..500) past the cursor, waiting up to `timeout_s` for one.
+
+        The client remembers the offset after the last message it received from each topic and
+        sends it along, so a reply lost in a failover is delivered again first, in order.
+        """
+        with self._lock:
+            next_offset = self._topic_offsets.get(name)
+        messages = self._run(
+            calls.consume(Kind.TOPIC, name, max_messages, timeout_s, 0, self, next_offset)
+        )
+        if messages:
+            with self._lock:
+                self._topic_offsets[name] = messages[-1].sequence + 1
+        return messages
 
     def iter_queue(
         self,
@@ -457,7 +470,9 @@ class Client:
         while not self.closed:
             try:
                 messages = self._run(
-                    calls.consume(kind, name, batch, wait_s, visibility_timeout_ms, self)
+                    calls.consume(
+                        kind, name, batch, wait_s, visibility_timeout_ms, self, next_offset
+                    )
                 )
                 if kind is Kind.TOPIC and messages and next_offset is not None:
                     if self._rewound_after_gap(messages[0], next_offset):

@@ -265,14 +265,17 @@ class Stream:
             with self._lock:
                 if self._closed:
                     return
-                requests.put(
-                    chasqui_pb2.ConsumeStreamRequest(
-                        kind=self.kind.to_proto(),
-                        name=self.name,
-                        credit=self.window - len(self._outstanding),
-                        visibility_timeout_ms=self._visibility_timeout_ms,
-                    )
+                first = chasqui_pb2.ConsumeStreamRequest(
+                    kind=self.kind.to_proto(),
+                    name=self.name,
+                    credit=self.window - len(self._outstanding),
+                    visibility_timeout_ms=self._visibility_timeout_ms,
                 )
+                if self.kind is Kind.TOPIC and self._next_offset is not None:
+                    # Resume where this stream's deliveries stopped: a push lost with the
+                    # old stream is sent again first.
+                    first.next_offset = self._next_offset
+                requests.put(first)
                 self._requests = requests
                 call = endpoint.stub.ConsumeStream(
                     _drain(requests), metadata=self._client._metadata

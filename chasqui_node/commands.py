@@ -140,6 +140,9 @@ class Consume:
     name: str
     max_messages: int = 1
     visibility_timeout_ms: int = 0  # 0: the queue's own visibility timeout
+    # Topics: the next offset the client expects (it received everything before it), or -1.
+    # A reply lost in a leader change is then handed out again first, in order.
+    next_offset: int = -1
 
 
 @dataclass(frozen=True)
@@ -459,6 +462,12 @@ def _field_of(field: dataclasses.Field[Any]) -> _Field:
 _FIELDS: dict[type[Any], tuple[_Field, ...]] = {
     cls: tuple(_field_of(field) for field in dataclasses.fields(cls)) for cls in _COMMAND_TYPES
 }
+# Trailing fields added to a command after its first release (they have defaults), so entries
+# written before them still decode. Append here whenever a field is appended.
+_FIELDS_ADDED_LATER: dict[type[Any], int] = {Consume: 1}  # next_offset
+_REQUIRED_FIELDS: dict[type[Any], int] = {
+    cls: len(fields) - _FIELDS_ADDED_LATER.get(cls, 0) for cls, fields in _FIELDS.items()
+}
 
 ENTRY_FORMAT_VERSION = 1
 
@@ -504,8 +513,11 @@ def decode_command(item: Any) -> Command:
         raise MalformedEntry(f"unknown command tag {tag}")
     cls = _COMMAND_TYPES[tag]
     fields = _FIELDS[cls]
-    if len(item) != len(fields) + 1:
+    if not _REQUIRED_FIELDS[cls] <= len(item) - 1 <= len(fields):
         raise MalformedEntry(f"{cls.__name__} has {len(item) - 1} fields, expected {len(fields)}")
+    # Fields appended to a command later have defaults; entries written before they existed
+    # simply end early and decode with those defaults.
+    fields = fields[: len(item) - 1]
     values: dict[str, Any] = {}
     tuple_lengths: set[int] = set()
     for field, raw in zip(fields, item[1:], strict=True):

@@ -22,6 +22,8 @@ GRPC_MESSAGE_BYTES_MAX = PUBLISH_BATCH_BYTES_MAX + 64 * 1024  # headroom for the
 CONSUME_BYTES_MAX = PUBLISH_BATCH_BYTES_MAX + 32 * 1024
 DELIVERY_ENVELOPE_BYTES = 64  # a delivery's field tags, lengths and integers, encoded (at most)
 
+OFFSET_MAX = 2**63 - 1  # topic offsets and sequences are signed 64-bit in the state
+TOPIC_WINDOWS_MAX = 64  # unacked consume replies per topic subscription before a rewind
 STREAM_CREDIT_MAX = 10_000  # unacked deliveries a streaming consumer may ask for at once
 CONSUME_WAIT_S_MAX = 60.0  # longest long-poll; longer waits are better as repeated calls
 VISIBILITY_TIMEOUT_MS_DEFAULT = 30_000  # ARCHITECTURE section 2

@@ -210,6 +210,7 @@ class NodeServer:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        self.change_board.close()  # long-polls end now, not after their timeout
         self.grpc_server.stop(grace_s).wait(grace_s + 1)
         self.replicator.close()
         self.storage.close()

@@ -172,19 +172,27 @@ class ChangeBoard:
     def __init__(self) -> None:
         self._condition = threading.Condition()
         self._versions: dict[tuple[Kind, str], int] = {}
+        self.closed = False
 
     def version(self, kind: Kind, name: str) -> int:
         with self._condition:
             return self._versions.get((kind, name), 0)
 
     def wait(self, kind: Kind, name: str, seen: int, timeout_s: float) -> None:
+        """Return when the version moves past `seen`, the board closes, or time is up."""
         deadline = time.monotonic() + timeout_s
         with self._condition:
-            while self._versions.get((kind, name), 0) == seen:
+            while self._versions.get((kind, name), 0) == seen and not self.closed:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return
                 self._condition.wait(remaining)
+
+    def close(self) -> None:
+        """Wake every waiter for good: the node is shutting down."""
+        with self._condition:
+            self.closed = True
+            self._condition.notify_all()
 
     def on_applied(self, entry: Entry, results: list[Result]) -> None:
         touched = {
@@ -701,6 +709,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             name=request.name,
             max_messages=max_messages,
             visibility_timeout_ms=request.visibility_timeout_ms,
+            next_offset=_next_offset(request),
         )
         deadline = time.monotonic() + request.timeout_s
         remaining = context.time_remaining()
@@ -724,7 +733,17 @@ class BrokerService(pb_grpc.BrokerServicer):
             if result.next_ready_ms:
                 # Something leased or delayed becomes ready then; look again at that time.
                 left_s = min(left_s, max(0.01, result.next_ready_ms / 1000 - time.time()))
-            self._changes.wait(command.kind, command.name, seen, left_s)
+            wake_at = time.monotonic() + left_s
+            # Wait in slices so a cancelled call frees its thread within a second.
+            while (
+                context.is_active()
+                and not self._changes.closed
+                and self._changes.version(command.kind, command.name) == seen
+                and (slice_s := wake_at - time.monotonic()) > 0
+            ):
+                self._changes.wait(command.kind, command.name, seen, min(slice_s, 1.0))
+            if self._changes.closed:
+                raise Unavailable("the node is shutting down; retry on another node")
             self._replication.check_leader()
 
     @_rpc_stream
@@ -747,15 +766,16 @@ class BrokerService(pb_grpc.BrokerServicer):
         credit.grant(first.credit)
 
         def read_grants() -> None:
+            # A client that half-closes its side still wants what it was granted; the stream
+            # ends when the call does (cancelled, deadline, or the client went away).
             try:
                 for request in requests:
                     credit.grant(request.credit)
-            except Exception:  # the client went away; the stream ends below
-                pass
-            finally:
+            except Exception:
                 credit.close()
 
         threading.Thread(target=read_grants, name="chasqui-stream-credit", daemon=True).start()
+        next_offset = _next_offset(first)
         while context.is_active() and not credit.closed:
             available = credit.wait_available(STREAM_RECHECK_S)
             if not available:
@@ -767,9 +787,12 @@ class BrokerService(pb_grpc.BrokerServicer):
                 name=first.name,
                 max_messages=min(available, limits.CONSUME_MESSAGES_MAX),
                 visibility_timeout_ms=first.visibility_timeout_ms,
+                next_offset=next_offset,
             )
             result = self._consume_until(command, time.monotonic() + STREAM_RECHECK_S, context)
             if result.deliveries:
+                if kind is Kind.TOPIC:  # what this stream pushed, the client has received
+                    next_offset = result.deliveries[-1].sequence + 1
                 credit.spend(len(result.deliveries))
                 yield pb.ConsumeResponse(deliveries=[_delivery_pb(d) for d in result.deliveries])
 
@@ -863,6 +886,15 @@ class BrokerService(pb_grpc.BrokerServicer):
                 for peer in status.peers
             ],
         )
+
+
+def _next_offset(request: Any) -> int:
+    """The request's optional `next_offset`, or -1 when unset (see ConsumeRequest)."""
+    if not request.HasField("next_offset"):
+        return -1
+    _check_at_most("next_offset", request.next_offset, "offset_max", limits.OFFSET_MAX)
+    value: int = request.next_offset
+    return value
 
 
 def _delivery_pb(delivery: Any) -> Any:

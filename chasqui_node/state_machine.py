@@ -115,7 +115,7 @@ from chasqui_node.errors import (
 )
 
 # Integers that reach keys, struct fields or clock arithmetic stay below this.
-INT_MAX = 2**63 - 1
+INT_MAX = limits.OFFSET_MAX
 _SCAN_PAGE = 1000
 _TOPIC_PAGE = 16  # topic messages read per scan while consuming (bodies up to 1 MiB each)
 
@@ -322,22 +322,37 @@ class _NewMessage:
 class _Cursor:
     """A topic subscription: `acked` is the next offset not yet acked, `delivered` the next not
     yet handed out; [acked, delivered) is leased until `lease_deadline_ms`. `redeliveries` counts
-    window resets since everything below `high` was acked, which gives delivery counts."""
+    window resets since everything below `high` was acked, which gives delivery counts.
+
+    `windows` holds the first offset of each consume reply not yet acked past, ascending. Acks
+    are cumulative, so a client that never received one reply (lost in a leader change) and
+    acks a later one would silently skip it; an ack may therefore not cross into a later
+    window while an earlier one is unacked (see `ack`)."""
 
     acked: int
     delivered: int
     lease_deadline_ms: int
     high: int
     redeliveries: int
+    windows: list[int] = field(default_factory=list)
 
     def encode(self) -> bytes:
         return _CURSOR.pack(
             self.acked, self.delivered, self.lease_deadline_ms, self.high, self.redeliveries
-        )
+        ) + b"".join(_u64(start) for start in self.windows)
 
     @staticmethod
     def decode(value: bytes) -> _Cursor:
-        return _Cursor(*_CURSOR.unpack(value))
+        starts = value[_CURSOR.size :]
+        windows = [_read_u64(starts, at) for at in range(0, len(starts), 8)]
+        acked, delivered, lease_deadline_ms, high, redeliveries = _CURSOR.unpack_from(value)
+        return _Cursor(acked, delivered, lease_deadline_ms, high, redeliveries, windows)
+
+    def rewind(self) -> None:
+        """Hand everything not acked out again, from `acked`."""
+        self.delivered = self.acked
+        self.redeliveries += 1
+        self.windows.clear()
 
 
 def _topic_message_key(incarnation: int, offset: int) -> bytes:
@@ -1259,6 +1274,16 @@ class _Applier:
             self.put_topic_meta(command.name, topic)
         before = cursor.encode()
         self.expire_window(cursor, topic)
+        if len(cursor.windows) >= limits.TOPIC_WINDOWS_MAX:
+            cursor.rewind()  # that many unacked replies: start again from the last ack
+        if command.next_offset >= 0:
+            # The client has everything before next_offset. Anything handed out from there on
+            # never reached it (a reply lost in a leader change): hand it out again first.
+            resume = max(cursor.acked, min(command.next_offset, cursor.delivered))
+            if resume < cursor.delivered:
+                cursor.delivered = resume
+                cursor.redeliveries += 1
+                cursor.windows = [start for start in cursor.windows if start < resume]
         visibility_ms = command.visibility_timeout_ms or limits.VISIBILITY_TIMEOUT_MS_DEFAULT
         deadline_ms = self.clock + visibility_ms
         deliveries: list[Delivery] = []
@@ -1286,6 +1311,7 @@ class _Applier:
                 )
             )
         if deliveries:
+            cursor.windows.append(deliveries[0].sequence)
             cursor.delivered = deliveries[-1].sequence + 1
             cursor.high = max(cursor.high, cursor.delivered)
             cursor.lease_deadline_ms = deadline_ms
@@ -1325,9 +1351,9 @@ class _Applier:
         cursor.acked = max(cursor.acked, topic.first_offset)
         cursor.delivered = max(cursor.delivered, cursor.acked)
         cursor.high = max(cursor.high, cursor.acked)
+        cursor.windows = [start for start in cursor.windows if start >= cursor.acked]
         if cursor.delivered > cursor.acked and cursor.lease_deadline_ms <= self.clock:
-            cursor.delivered = cursor.acked
-            cursor.redeliveries += 1
+            cursor.rewind()
 
     def purge_topic(self, topic: _TopicMeta) -> bool:
         """Drop messages past retention (age or bytes) from the head, bounded per command.
@@ -1353,11 +1379,30 @@ class _Applier:
     def ack(self, user: UserInfo, command: Ack) -> Result:
         if command.kind is Kind.TOPIC:
             key, cursor = self.leased_window(user, command.name, command.sequence)
-            if command.sequence >= cursor.acked:
-                cursor.acked = command.sequence + 1
-                if cursor.acked >= cursor.high:
-                    cursor.redeliveries = 0
+            if command.sequence < cursor.acked:
+                return Done()  # acked before: acks are idempotent
+            window_start = max(
+                (start for start in cursor.windows if start <= command.sequence),
+                default=cursor.acked,
+            )
+            if window_start > cursor.acked:
+                # Offsets [acked, window_start) went out in an earlier reply that was never
+                # acked, perhaps never received. Acking past them would lose them: hand
+                # everything out again instead, and say so.
+                skipped = cursor.acked
+                cursor.rewind()
                 self.store.put(key, cursor.encode())
+                return FailedPrecondition(
+                    f'offsets {skipped} to {window_start - 1} of topic "{command.name}" were '
+                    f"handed out to user {user.user_id} by an earlier consume that was not "
+                    f"acked; offset {command.sequence} was not acked past them, and every "
+                    f"offset from {skipped} will be delivered again"
+                )
+            cursor.acked = command.sequence + 1
+            cursor.windows = [start for start in cursor.windows if start > command.sequence]
+            if cursor.acked >= cursor.high:
+                cursor.redeliveries = 0
+            self.store.put(key, cursor.encode())
             return Done()
         queue, message = self.leased_message(user, command.name, command.sequence)
         if message is None:
@@ -1377,8 +1422,7 @@ class _Applier:
             if command.delay_ms:
                 cursor.lease_deadline_ms = self.clock + command.delay_ms
             else:
-                cursor.delivered = cursor.acked
-                cursor.redeliveries += 1
+                cursor.rewind()
             self.store.put(key, cursor.encode())
             return Done()
         queue, message = self.leased_message(user, command.name, command.sequence)

@@ -755,6 +755,7 @@ class ConsumeRequest(_message.Message):
     MAX_MESSAGES_FIELD_NUMBER: _builtins.int
     TIMEOUT_S_FIELD_NUMBER: _builtins.int
     VISIBILITY_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    NEXT_OFFSET_FIELD_NUMBER: _builtins.int
     kind: Global___Kind.ValueType
     name: _builtins.str
     max_messages: _builtins.int
@@ -763,6 +764,11 @@ class ConsumeRequest(_message.Message):
     """long-poll; 0 returns at once"""
     visibility_timeout_ms: _builtins.int
     """queues: 0 uses the queue's own"""
+    next_offset: _builtins.int
+    """Topics: the next offset this client expects (it has everything before it). Offsets the
+    server handed out from there on are sent again first, so a reply lost in a leader change
+    is neither skipped nor delivered out of order. Unset: continue after the last handed out.
+    """
     def __init__(
         self,
         *,
@@ -771,12 +777,15 @@ class ConsumeRequest(_message.Message):
         max_messages: _builtins.int = ...,
         timeout_s: _builtins.float = ...,
         visibility_timeout_ms: _builtins.int = ...,
+        next_offset: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_next_offset", b"_next_offset", "next_offset", b"next_offset"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "max_messages", b"max_messages", "name", b"name", "timeout_s", b"timeout_s", "visibility_timeout_ms", b"visibility_timeout_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_next_offset", b"_next_offset", "kind", b"kind", "max_messages", b"max_messages", "name", b"name", "next_offset", b"next_offset", "timeout_s", b"timeout_s", "visibility_timeout_ms", b"visibility_timeout_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__next_offset: _TypeAlias = _typing.Literal["next_offset"]  # noqa: Y015
+    _WhichOneofArgType__next_offset: _TypeAlias = _typing.Literal["_next_offset", b"_next_offset"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__next_offset) -> _WhichOneofReturnType__next_offset | None: ...
 
 Global___ConsumeRequest: _TypeAlias = ConsumeRequest  # noqa: Y015
 
@@ -850,6 +859,7 @@ class ConsumeStreamRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     CREDIT_FIELD_NUMBER: _builtins.int
     VISIBILITY_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    NEXT_OFFSET_FIELD_NUMBER: _builtins.int
     kind: Global___Kind.ValueType
     """first request only"""
     name: _builtins.str
@@ -858,6 +868,8 @@ class ConsumeStreamRequest(_message.Message):
     """how many more deliveries the client can take now"""
     visibility_timeout_ms: _builtins.int
     """first request only; queues: 0 uses the queue's own"""
+    next_offset: _builtins.int
+    """first request only; topics: see ConsumeRequest"""
     def __init__(
         self,
         *,
@@ -865,12 +877,15 @@ class ConsumeStreamRequest(_message.Message):
         name: _builtins.str = ...,
         credit: _builtins.int = ...,
         visibility_timeout_ms: _builtins.int = ...,
+        next_offset: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_next_offset", b"_next_offset", "next_offset", b"next_offset"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "kind", b"kind", "name", b"name", "visibility_timeout_ms", b"visibility_timeout_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_next_offset", b"_next_offset", "credit", b"credit", "kind", b"kind", "name", b"name", "next_offset", b"next_offset", "visibility_timeout_ms", b"visibility_timeout_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__next_offset: _TypeAlias = _typing.Literal["next_offset"]  # noqa: Y015
+    _WhichOneofArgType__next_offset: _TypeAlias = _typing.Literal["_next_offset", b"_next_offset"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__next_offset) -> _WhichOneofReturnType__next_offset | None: ...
 
 Global___ConsumeStreamRequest: _TypeAlias = ConsumeStreamRequest  # noqa: Y015
 

@@ -988,6 +988,48 @@ def test_topic_ack_is_cumulative_and_idempotent(broker: Broker) -> None:
     assert (fresh.sequence, fresh.delivery_count) == (3, 1)
 
 
+def test_topic_ack_may_not_skip_an_earlier_reply_that_was_never_acked(broker: Broker) -> None:
+    """A consume reply lost in a leader change must not be skipped by acking the next one."""
+    broker.topic()
+    broker.ok(Subscribe(BOB, T, "news"))
+    for _ in range(6):
+        broker.publish("news", kind=T)
+    broker.consume("news", 2, T)  # offsets 0-1: the reply never reached the client
+    [_, _, last] = broker.consume("news", 3, T).deliveries  # offsets 2-4: received
+    result = broker.one(Ack(BOB, T, "news", last.sequence, last.delivery_count))
+    assert result == FailedPrecondition(
+        'offsets 0 to 1 of topic "news" were handed out to user u2 by an earlier consume that '
+        "was not acked; offset 4 was not acked past them, and every offset from 0 will be "
+        "delivered again"
+    )
+    again = broker.consume("news", 10, T).deliveries
+    assert [d.sequence for d in again] == [0, 1, 2, 3, 4, 5]
+    assert [d.delivery_count for d in again] == [2, 2, 2, 2, 2, 1]
+
+
+def test_topic_acks_of_consecutive_replies_in_order_succeed(broker: Broker) -> None:
+    broker.topic()
+    broker.ok(Subscribe(BOB, T, "news"))
+    for _ in range(4):
+        broker.publish("news", kind=T)
+    first = broker.consume("news", 2, T).deliveries
+    second = broker.consume("news", 2, T).deliveries
+    assert broker.one(Ack(BOB, T, "news", first[-1].sequence, 1)) == Done()
+    assert broker.one(Ack(BOB, T, "news", second[-1].sequence, 1)) == Done()
+    assert broker.consume("news", 5, T).deliveries == ()
+
+
+def test_too_many_unacked_topic_replies_rewind_the_subscription(broker: Broker) -> None:
+    broker.topic()
+    broker.ok(Subscribe(BOB, T, "news"))
+    for _ in range(limits.TOPIC_WINDOWS_MAX + 1):
+        broker.publish("news", kind=T)
+    for offset in range(limits.TOPIC_WINDOWS_MAX):
+        assert [d.sequence for d in broker.consume("news", 1, T).deliveries] == [offset]
+    [rewound] = broker.consume("news", 1, T).deliveries
+    assert (rewound.sequence, rewound.delivery_count) == (0, 2)
+
+
 def test_topic_ack_of_an_offset_not_yet_delivered_is_refused(broker: Broker) -> None:
     broker.topic()
     broker.ok(Subscribe(BOB, T, "news"))
