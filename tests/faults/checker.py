@@ -12,7 +12,9 @@ history, those final reads and each node's applied state to `check()`, which rep
 
 - lost:        a confirmed publish never delivered (to a consumer during the run or at the end)
 - unexpected:  a delivery of an id nobody ever tried to publish
-- duplicated:  a queue message delivered again after an ack of it was confirmed
+- duplicated:  a message delivered again after an ack of it was confirmed. A delivery is
+               timed at the start of the consume call that returned it: a reply that arrives
+               late (its node was paused) was handed out before the ack, not after.
 - reordered:   a topic subscriber saw one producer's messages out of publish order
 - divergence:  the nodes' applied states differ after healing
 """
@@ -55,8 +57,10 @@ class History:
         target: str,
         message_id: str,
         outcome: Outcome | None = None,
+        at: float | None = None,
     ) -> None:
-        event = Event(time.monotonic(), process, operation, target, message_id, outcome)
+        when = time.monotonic() if at is None else at
+        event = Event(when, process, operation, target, message_id, outcome)
         with self._lock:
             self.events.append(event)
 

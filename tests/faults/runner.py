@@ -86,12 +86,13 @@ class Workload:
     def _consume_queue(self, name: str, acks: bool) -> None:
         client = self.cluster.client(key=self.owner.key, call_timeout_s=5)
         while not self.stop.is_set():
+            invoked_at = time.monotonic()
             try:
                 batch = client.consume_many_queue(QUEUE, 10, timeout_s=0.5)
             except errors.ChasquiError:
                 continue
             for message in batch:
-                self.history.add(name, "deliver", f"queue:{QUEUE}", message.text)
+                self.history.add(name, "deliver", f"queue:{QUEUE}", message.text, at=invoked_at)
             if not acks:
                 if batch:
                     return  # crashed while holding these leases
@@ -105,12 +106,13 @@ class Workload:
             self._read_topic_once(client, name)
 
     def _read_topic_once(self, client: Client, name: str) -> int:
+        invoked_at = time.monotonic()
         try:
             batch = client.consume_many_topic(TOPIC, 20, timeout_s=0.5)
         except errors.ChasquiError:
             return 0
         for message in batch:
-            self.history.add(name, "deliver", f"topic:{TOPIC}", message.text)
+            self.history.add(name, "deliver", f"topic:{TOPIC}", message.text, at=invoked_at)
             self.topic_reads[name].append(message.text)
         if batch:
             self._ack(client, name, f"topic:{TOPIC}", batch)

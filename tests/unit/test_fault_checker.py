@@ -95,3 +95,15 @@ def test_a_redelivered_earlier_message_is_not_reordering() -> None:
 def test_nodes_with_different_state_diverge() -> None:
     report = check([], {}, node_states={"n1": [(b"k", b"1")], "n2": [(b"k", b"2")]})
     assert report.divergent_nodes == ["n2 differs from n1"]
+
+
+def test_a_late_reply_to_a_consume_started_before_the_ack_is_not_a_duplicate() -> None:
+    """Deliveries are timed at the start of their consume call: a paused node's reply may
+    arrive after another consumer acked the redelivered message."""
+    events = [
+        *publish(1, "p-0", Outcome.OK),
+        deliver(2, "p-0", reader="slow"),  # consume started at 2, reply arrived much later
+        deliver(3, "p-0", reader="fast"),  # redelivered after the lease expired
+        ack(4, "p-0", reader="fast"),
+    ]
+    assert check(events, {Q: []}).valid
