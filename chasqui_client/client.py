@@ -612,6 +612,7 @@ class Client:
                     request, timeout=step.send_timeout_s(), metadata=metadata
                 )
             except grpc.RpcError as error:
+                self._router.check_open()  # closed meanwhile: say so, not CANCELLED
                 plan.on_failure(
                     step.address,
                     errors.status_code_of(error),

@@ -93,12 +93,14 @@ def test_iterator_long_polls_and_ends_cleanly_on_close(broker: Broker) -> None:
     client = Client([f"127.0.0.1:{broker.port}"], call_timeout_s=5)
     client.create_queue("jobs")
     received: list[bytes] = []
+    acked = threading.Event()
     ended = threading.Event()
 
     def consume() -> None:
         for message in client.iter_queue("jobs", wait_s=30):
             received.append(message.body)
             client.ack(message)
+            acked.set()
         ended.set()
 
     worker = threading.Thread(target=consume, daemon=True)
@@ -110,6 +112,7 @@ def test_iterator_long_polls_and_ends_cleanly_on_close(broker: Broker) -> None:
     while not received and time.monotonic() < deadline:
         time.sleep(0.02)
     assert received == [b"late"]  # the long-poll woke up on the publish
+    assert acked.wait(5)  # close while the iterator is back in its long-poll, not mid-ack
     started = time.monotonic()
     client.close()
     assert ended.wait(5), "the iterator did not stop on close()"
