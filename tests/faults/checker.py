@@ -43,6 +43,7 @@ class Event:
     target: str  # "queue:jobs", "topic:news"
     message_id: str
     outcome: Outcome | None  # None for invocations and deliveries
+    detail: str = ""  # e.g. the receipt's sequence, for reading a failure
 
 
 @dataclass
@@ -58,9 +59,10 @@ class History:
         message_id: str,
         outcome: Outcome | None = None,
         at: float | None = None,
+        detail: str = "",
     ) -> None:
         when = time.monotonic() if at is None else at
-        event = Event(when, process, operation, target, message_id, outcome)
+        event = Event(when, process, operation, target, message_id, outcome, detail)
         with self._lock:
             self.events.append(event)
 

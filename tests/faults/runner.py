@@ -73,15 +73,18 @@ class Workload:
             message_id = f"{name}-{number}"
             number += 1
             self.history.add(name, "publish", target, message_id)
+            detail = ""
             try:
                 if kind == "queue":
-                    client.publish_queue(QUEUE, message_id)
+                    receipt = client.publish_queue(QUEUE, message_id)
                 else:
-                    client.publish_topic(TOPIC, message_id)
+                    receipt = client.publish_topic(TOPIC, message_id)
                 outcome = Outcome.OK
-            except errors.ChasquiError:
+                detail = f"sequence {receipt.sequence} duplicate {receipt.duplicate}"
+            except errors.ChasquiError as error:
                 outcome = Outcome.UNKNOWN  # conservatively: it may have happened
-            self.history.add(name, "publish", target, message_id, outcome)
+                detail = f"{type(error).__name__}: {error}"
+            self.history.add(name, "publish", target, message_id, outcome, detail=detail)
 
     def _consume_queue(self, name: str, acks: bool) -> None:
         client = self.cluster.client(key=self.owner.key, call_timeout_s=5)
