@@ -8,19 +8,28 @@ Security flags: `--admin-key-file` (or the `CHASQUI_ADMIN_KEY` environment varia
 command-line value, which any local user could read with `ps`) names the bootstrap admin key;
 `--signup closed` lets only admins create users; `--tls-cert`/`--tls-key` (and `--tls-client-ca`
 for mutual TLS) put the client port behind TLS. `dev --tls` makes throwaway certificates.
+
+Operations flags: `--metrics-port` serves Prometheus metrics at `http://CLIENT_HOST:PORT/metrics`
+(off by default); `--log-format json` writes one JSON object per line (ts, level, logger,
+message, node_id) instead of one text line per event. Either way no log line carries the
+cluster secret or a key: the node never logs them, and the formatter also masks the cluster
+secret and any `Bearer` token should a library ever echo one.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import re
 import secrets
 import signal
 import subprocess
 import sys
 import time
 import tomllib
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,16 +50,80 @@ logger = logging.getLogger("chasqui_node")
 
 DEV_CLIENT_PORT_BASE = 7101
 DEV_RAFT_PORT_BASE = 7201
+DEV_METRICS_PORT_BASE = 7301
 DEV_STOP_WAIT_S = 10.0  # SIGTERM, then SIGKILL after this long
 ADMIN_KEY_ENV = "CHASQUI_ADMIN_KEY"
 _KEY_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+_BEARER_TOKEN = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
+REDACTED = "[redacted]"
+
+
+class _OneLineFormatter(logging.Formatter):
+    """One event, one line: `ts LEVEL logger [node_id]: message`, a traceback folded onto the
+    same line with literal `\\n`, and secrets masked (see `_scrub`)."""
+
+    def __init__(self, node_id: str, secrets_to_mask: tuple[str, ...]) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s [%(node_id)s]: %(message)s")
+        self._node_id = node_id
+        self._secrets = secrets_to_mask
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.node_id = self._node_id
+        return _scrub(super().format(record), self._secrets).replace("\n", "\\n")
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts (UTC, ISO 8601), level, logger, message, node_id, and
+    `exception` when there is a traceback. Secrets are masked as in text."""
+
+    def __init__(self, node_id: str, secrets_to_mask: tuple[str, ...]) -> None:
+        super().__init__()
+        self._node_id = node_id
+        self._secrets = secrets_to_mask
+
+    def format(self, record: logging.LogRecord) -> str:
+        event: dict[str, str] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": _scrub(record.getMessage(), self._secrets),
+            "node_id": self._node_id,
+        }
+        if record.exc_info:
+            event["exception"] = _scrub(self.formatException(record.exc_info), self._secrets)
+        return json.dumps(event, ensure_ascii=False)
+
+
+def _scrub(text: str, secrets_to_mask: tuple[str, ...]) -> str:
+    """Defence in depth: Chasqui never logs a secret, but a library might echo one."""
+    for secret in secrets_to_mask:
+        text = text.replace(secret, REDACTED)
+    return _BEARER_TOKEN.sub(lambda match: match.group(1) + REDACTED, text)
+
+
+def _configure_logging(
+    level: str,
+    log_format: str = "text",
+    node_id: str = "-",
+    secrets_to_mask: tuple[str, ...] = (),
+) -> None:
+    """Route every log record to stderr, one line per event, in `log_format` (text or json).
+    `secrets_to_mask` are replaced by [redacted] wherever they would appear."""
+    masked = tuple(secret for secret in secrets_to_mask if secret)
+    formatter: logging.Formatter = (
+        _JsonFormatter(node_id, masked)
+        if log_format == "json"
+        else _OneLineFormatter(node_id, masked)
     )
+    handler = logging.StreamHandler()
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for existing in list(root.handlers):
+        root.removeHandler(existing)
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
     # pysyncobj logs every reconnect attempt at WARNING while peers start up.
     logging.getLogger("pysyncobj").setLevel(logging.ERROR)
 
@@ -214,7 +287,22 @@ def main() -> None:
     envvar="CHASQUI_TLS_CLIENT_CA",
     help="PEM CA bundle: clients must present a certificate it signed (mutual TLS).",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=0, max=65535),
+    default=None,
+    envvar="CHASQUI_METRICS_PORT",
+    help="Serve Prometheus metrics on http://CLIENT_HOST:PORT/metrics (off when not given).",
+)
 @click.option("--log-level", default="info", envvar="CHASQUI_LOG_LEVEL", show_default=True)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    envvar="CHASQUI_LOG_FORMAT",
+    help="One line per event: plain text, or a JSON object (ts, level, logger, message, node_id).",
+)
 def start(
     node_id: str,
     data_dir: Path,
@@ -229,18 +317,22 @@ def start(
     tls_cert: Path | None,
     tls_key: Path | None,
     tls_client_ca: Path | None,
+    metrics_port: int | None,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Start one node of a cluster and serve until SIGTERM or SIGINT."""
-    _configure_logging(log_level)
     if cluster_secret_file:
         cluster_secret = Path(cluster_secret_file).read_text().splitlines()[0].strip()
+    secret_derived = not cluster_secret
     if not cluster_secret:
+        cluster_secret = _derived_secret(cluster)
+    _configure_logging(log_level, log_format, node_id, (cluster_secret,))
+    if secret_derived:
         logger.warning(
             "no --cluster-secret given: using one derived from the member list, which anyone "
             "who knows the members can derive; set CHASQUI_CLUSTER_SECRET in production"
         )
-        cluster_secret = _derived_secret(cluster)
     try:
         config = NodeConfig(
             node_id=node_id,
@@ -255,6 +347,7 @@ def start(
             tls_cert=tls_cert,
             tls_key=tls_key,
             tls_client_ca=tls_client_ca,
+            metrics_port=metrics_port,
         )
         config.member()
         server, _port = create_server(config)
@@ -291,11 +384,29 @@ def start(
 @click.option("--client-port", default=DEV_CLIENT_PORT_BASE, show_default=True)
 @click.option("--raft-port", default=DEV_RAFT_PORT_BASE, show_default=True)
 @click.option(
+    "--metrics-port",
+    default=DEV_METRICS_PORT_BASE,
+    show_default=True,
+    help="First node's Prometheus port; node i gets this + i - 1.",
+)
+@click.option(
     "--tls",
     is_flag=True,
     help="Serve clients over TLS with a throwaway CA and node certificate made under DATA_DIR/tls.",
 )
-def dev(nodes: int, data_dir: Path, host: str, client_port: int, raft_port: int, tls: bool) -> None:
+@click.option(
+    "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
+def dev(
+    nodes: int,
+    data_dir: Path,
+    host: str,
+    client_port: int,
+    raft_port: int,
+    metrics_port: int,
+    tls: bool,
+    log_format: str,
+) -> None:
     """Start a local cluster in the foreground; Ctrl-C stops every node."""
     if nodes < 1:
         raise click.UsageError(f"--nodes {nodes} must be at least 1")
@@ -316,7 +427,7 @@ def dev(nodes: int, data_dir: Path, host: str, client_port: int, raft_port: int,
         for i, node_id in enumerate(ids)
     )
     processes: list[subprocess.Popen[bytes]] = []
-    for node_id in ids:
+    for i, node_id in enumerate(ids):
         node_dir = data_dir / node_id
         node_dir.mkdir(exist_ok=True)
         command = [
@@ -325,6 +436,8 @@ def dev(nodes: int, data_dir: Path, host: str, client_port: int, raft_port: int,
             "--data-dir", str(node_dir),
             "--cluster", cluster,
             "--cluster-secret-file", str(secret_file),
+            "--metrics-port", str(metrics_port + i),
+            "--log-format", log_format,
             *tls_arguments,
         ]  # fmt: skip
         with open(node_dir / "node.log", "ab") as log:
@@ -340,8 +453,9 @@ def dev(nodes: int, data_dir: Path, host: str, client_port: int, raft_port: int,
     click.echo(
         f"Chasqui dev cluster: {nodes} nodes, data in {data_dir}/, logs in {data_dir}/n*/node.log"
     )
-    for node_id, endpoint, process in zip(ids, endpoints, processes, strict=True):
-        click.echo(f"  {node_id}  {endpoint}  (pid {process.pid})")
+    for i, (node_id, endpoint, process) in enumerate(zip(ids, endpoints, processes, strict=True)):
+        metrics_url = f"http://{host}:{metrics_port + i}/metrics"
+        click.echo(f"  {node_id}  {endpoint}  metrics {metrics_url}  (pid {process.pid})")
     click.echo("\nTry it from Python (.venv/bin/python):")
     click.echo("  from chasqui_client import Client")
     if ca_path is None:

@@ -28,9 +28,10 @@ import json
 import logging
 import os
 import struct
+import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,11 +109,24 @@ def fsync_directory(path: Path) -> None:
 
 class Journal:
     """Positions are 0-based within the live log; each entry also carries its Raft index,
-    consecutive from `first_index`. Not thread-safe: pysyncobj's tick thread owns it."""
+    consecutive from `first_index`. Not thread-safe: pysyncobj's tick thread owns it.
 
-    def __init__(self, directory: Path, *, fsync: bool = True) -> None:
+    `on_sync`, when set (at construction or later, as the attribute), is called with the
+    seconds each group-commit fsync took, on the thread that synced, right after it. It is for
+    timing only (the node's fsync latency histogram), so it must be quick and must not raise:
+    an exception there would count as a failed journal write and stop the node.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        fsync: bool = True,
+        on_sync: Callable[[float], None] | None = None,
+    ) -> None:
         self._directory = Path(directory)
         self._fsync = fsync
+        self.on_sync = on_sync
         self._directory.mkdir(parents=True, exist_ok=True)
         self._meta_path = self._directory / "meta.json"
         self._meta: dict[str, Any] = self._read_meta()
@@ -320,7 +334,10 @@ class Journal:
         if not self._dirty:
             return
         if self._fsync and self._tail_file is not None:
+            started = time.perf_counter()
             os.fdatasync(self._tail_file)
+            if self.on_sync is not None:
+                self.on_sync(time.perf_counter() - started)
             _trace_synced(self._segment_path(self._segments[-1]), self._tail_size)
         self._dirty = False
 

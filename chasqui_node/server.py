@@ -3,7 +3,13 @@
     storage (LMDB) <- replicator (pysyncobj) <- service (gRPC)
 
 `create_server(config)` builds and starts everything and returns `(server, port)`; `server.stop()`
-shuts down in the reverse order: stop taking calls, stop Raft, close LMDB.
+shuts down in the reverse order: report NOT_SERVING, stop taking calls, stop Raft, close LMDB.
+
+Operability wiring: the client port also serves the standard `grpc.health.v1.Health` service
+(SERVING only while this node knows a leader and has applied what it knows committed; a
+`HealthReporter` thread re-evaluates that every HEALTH_CHECK_S) and gRPC server reflection for
+the Broker and Health services. With `metrics_port` set, a Prometheus `/metrics` endpoint
+serves this node's own registry (see metrics.py) on the client host.
 
 Security wiring: the client port speaks TLS when a certificate is configured (mutual TLS with a
 client CA); the Raft port always needs the cluster secret (see replication.py). A configured
@@ -15,19 +21,25 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import ProcessCollector
 
 from chasqui_node import limits
 from chasqui_node.commands import EnsureAdmin, UserCreated
 from chasqui_node.errors import ChasquiError
-from chasqui_node.replication import Member, RaftTimings, Replicator
+from chasqui_node.metrics import MetricsHttpServer, NodeMetrics, register_node_collector
+from chasqui_node.replication import Member, RaftTimings, ReplicationStatus, Replicator, Role
 from chasqui_node.service import BrokerService, ChangeBoard
 from chasqui_node.state_machine import StateMachine
 from chasqui_node.storage import Storage
+from chasqui_proto import chasqui_pb2 as pb
 from chasqui_proto import chasqui_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
@@ -35,6 +47,9 @@ logger = logging.getLogger(__name__)
 GRPC_WORKERS = 128  # threads serving calls; long-polls hold one each while they wait
 GRPC_CONCURRENT_CALLS_MAX = 512  # beyond this new calls get RESOURCE_EXHAUSTED, not a queue
 ADMIN_CHECK_S = 0.25  # how often a node looks whether it just became leader
+HEALTH_CHECK_S = 0.5  # how often the health status is re-evaluated
+HEALTH_APPLY_LAG_MAX = 100  # committed-but-unapplied entries a SERVING node may trail by
+BROKER_SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Broker"].full_name  # chasqui.v1.Broker
 
 
 class ConfigError(ValueError):
@@ -80,6 +95,7 @@ class NodeConfig:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # PEM CA bundle; clients must present a cert it signed
     calls_in_flight_per_connection_max: int = limits.CALLS_IN_FLIGHT_PER_CONNECTION_MAX
+    metrics_port: int | None = None  # None: no /metrics endpoint; 0: any free port (tests)
 
     def member(self) -> Member:
         for member in self.members:
@@ -119,6 +135,7 @@ class NodeServer:
         member = config.member()
         credentials = server_credentials(config)  # before anything starts: fail fast
         self._stopped = threading.Event()
+        self.metrics = NodeMetrics()
         self.storage = Storage(config.data_dir, fsync=config.fsync)
         self.state_machine = StateMachine()
         self.change_board = ChangeBoard()
@@ -134,6 +151,7 @@ class NodeServer:
             fsync=config.fsync,
             on_applied=self.change_board.on_applied,
         )
+        _time_journal_syncs(self.replicator, self.metrics)
         self.grpc_server = grpc.server(
             ThreadPoolExecutor(max_workers=GRPC_WORKERS, thread_name_prefix="chasqui-grpc"),
             maximum_concurrent_rpcs=GRPC_CONCURRENT_CALLS_MAX,
@@ -151,11 +169,14 @@ class NodeServer:
                 proposal_timeout_s=config.proposal_timeout_s,
                 signup_open=config.signup_open,
                 calls_in_flight_per_connection_max=config.calls_in_flight_per_connection_max,
+                metrics=self.metrics,
             ),
             self.grpc_server,
         )
+        self.health = add_health_and_reflection(self.grpc_server)
         host, _, port = member.client_address.rpartition(":")
-        bind_address = f"{config.bind_host or host}:{port}"
+        bind_host = config.bind_host or host
+        bind_address = f"{bind_host}:{port}"
         if credentials is None:
             self.port = self.grpc_server.add_insecure_port(bind_address)
         else:
@@ -164,6 +185,28 @@ class NodeServer:
             self.replicator.close()
             self.storage.close()
             raise ConfigError(f"cannot listen for clients on {bind_address}")
+        register_node_collector(
+            self.metrics,
+            config.node_id,
+            self.replicator,
+            self.state_machine,
+            reader_key_hash=config.admin_key_hash,
+        )
+        ProcessCollector(registry=self.metrics.registry)
+        self.metrics_server: MetricsHttpServer | None = None
+        if config.metrics_port is not None:
+            try:
+                self.metrics_server = MetricsHttpServer(
+                    self.metrics.registry, bind_host, config.metrics_port
+                )
+            except OSError as error:
+                self.replicator.close()
+                self.storage.close()
+                raise ConfigError(
+                    f"cannot serve metrics on {bind_host}:{config.metrics_port}: {error}"
+                ) from error
+        self.health_reporter = HealthReporter(self.health, self.replicator.status)
+        self.health_reporter.start()
         self.grpc_server.start()
         if config.admin_key_hash is not None:
             threading.Thread(
@@ -173,13 +216,16 @@ class NodeServer:
                 daemon=True,
             ).start()
         logger.info(
-            "node %s serving clients on %s (%s), raft on %s, data in %s, signup %s",
+            "node %s serving clients on %s (%s), raft on %s, data in %s, signup %s, metrics %s",
             config.node_id,
             bind_address,
             _tls_mode(config),
             member.raft_address,
             config.data_dir,
             "open" if config.signup_open else "closed",
+            "off"
+            if self.metrics_server is None
+            else f"on http://{bind_host}:{self.metrics_server.port}/metrics",
         )
 
     def _ensure_admin_loop(self, key_hash: str) -> None:
@@ -210,14 +256,117 @@ class NodeServer:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        # NOT_SERVING first, so load balancers and health-checking clients move away before
+        # calls start being refused.
+        self.health_reporter.stop()
         self.change_board.close()  # long-polls end now, not after their timeout
         self.grpc_server.stop(grace_s).wait(grace_s + 1)
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         self.replicator.close()
         self.storage.close()
         logger.info("node %s stopped", self.config.node_id)
 
     def wait(self) -> None:
         self._stopped.wait()
+
+
+def is_serving(status: ReplicationStatus, apply_lag_max: int = HEALTH_APPLY_LAG_MAX) -> bool:
+    """SERVING means: this node knows a leader (a leader must also still hear a majority) and
+    has applied everything it knows committed, give or take `apply_lag_max` entries, so what
+    it reads is current and what it proposes can commit."""
+    if status.leader is None:
+        return False
+    if status.role is Role.LEADER and not status.has_quorum:
+        return False
+    return status.commit_index - status.applied_index <= apply_lag_max
+
+
+def add_health_and_reflection(grpc_server: grpc.Server) -> health.HealthServicer:
+    """Add the standard health service (starting NOT_SERVING) and server reflection for the
+    Broker and Health services to a server not yet started; return the health servicer."""
+    servicer = health.HealthServicer()
+    for service_name in ("", BROKER_SERVICE_NAME):
+        servicer.set(service_name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, grpc_server)
+    reflection.enable_server_reflection(
+        (
+            BROKER_SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        grpc_server,
+    )
+    return servicer
+
+
+class HealthReporter:
+    """Keeps the health service's status for "" (the whole server) and the Broker service in
+    step with `is_serving`, re-evaluated every `interval_s` on one daemon thread. `stop()`
+    reports NOT_SERVING for good (the node is going away). Any thread."""
+
+    def __init__(
+        self,
+        servicer: health.HealthServicer,
+        status: Callable[[], ReplicationStatus],
+        *,
+        interval_s: float = HEALTH_CHECK_S,
+        apply_lag_max: int = HEALTH_APPLY_LAG_MAX,
+    ) -> None:
+        self._servicer = servicer
+        self._status = status
+        self._interval_s = interval_s
+        self._apply_lag_max = apply_lag_max
+        self._stopped = threading.Event()
+        self._serving: bool | None = None
+        self._thread = threading.Thread(target=self._loop, name="chasqui-health", daemon=True)
+
+    def start(self) -> None:
+        self.update()
+        self._thread.start()
+
+    def update(self) -> bool:
+        """Evaluate once and publish the result; return whether the node is serving."""
+        try:
+            serving = is_serving(self._status(), self._apply_lag_max)
+        except Exception:  # a status that cannot be read is not a healthy node
+            logger.exception("cannot read replication status for the health check")
+            serving = False
+        if serving != self._serving and not self._stopped.is_set():
+            self._serving = serving
+            code = (
+                health_pb2.HealthCheckResponse.SERVING
+                if serving
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            for service_name in ("", BROKER_SERVICE_NAME):
+                self._servicer.set(service_name, code)
+            logger.info("health: %s", "SERVING" if serving else "NOT_SERVING")
+        return serving
+
+    def _loop(self) -> None:
+        while not self._stopped.wait(self._interval_s):
+            self.update()
+
+    def stop(self) -> None:
+        """Report NOT_SERVING for every service from now on. Idempotent."""
+        self._stopped.set()
+        self._servicer.enter_graceful_shutdown()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=self._interval_s + 1)
+
+
+def _time_journal_syncs(replicator: Replicator, metrics: NodeMetrics) -> None:
+    """Feed the fsync latency histogram from the Raft journal's `on_sync` hook.
+
+    The journal is built inside `Replicator`, which does not take the callback, so it is set
+    on the live journal here (pysyncobj's tick thread reads it at its next sync). Should
+    replication.py ever pass `on_sync` through, this becomes a constructor argument."""
+    journal = getattr(getattr(replicator, "_raft_log", None), "_journal", None)
+    if journal is None or not hasattr(journal, "on_sync"):
+        logger.warning("journal fsync latency is not measured: the journal hook is missing")
+        return
+    journal.on_sync = metrics.observe_journal_sync
 
 
 def _tls_mode(config: NodeConfig) -> str:

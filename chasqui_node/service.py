@@ -80,6 +80,7 @@ from chasqui_node.errors import (
     Unauthenticated,
     Unavailable,
 )
+from chasqui_node.metrics import NodeMetrics
 from chasqui_node.replication import ReplicationStatus
 from chasqui_node.state_machine import StateMachine, Store
 from chasqui_proto import chasqui_pb2 as pb
@@ -285,7 +286,9 @@ def _rpc_stream(method: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[
     def handler(self: BrokerService, requests: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         try:
             with self.connection_slots.hold(context.peer()):
-                yield from method(self, requests, context)
+                for response in method(self, requests, context):
+                    self.metrics.count_messages(method.__name__, None, response)
+                    yield response
         except ChasquiError as error:
             self._abort(context, error)
         except Exception:
@@ -294,6 +297,13 @@ def _rpc_stream(method: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[
             context.abort(
                 grpc.StatusCode.INTERNAL, f"internal error (see node log, ref {reference})"
             )
+        finally:
+            # context.code() is what abort() set; None for a stream that ended by itself, which
+            # it does when the call is no longer active (the client cancelled or timed out).
+            code = context.code() or (
+                grpc.StatusCode.OK if context.is_active() else grpc.StatusCode.CANCELLED
+            )
+            self.metrics.observe_call(method.__name__, code, None)
 
     return handler
 
@@ -303,9 +313,12 @@ def _rpc(method: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(method)
     def handler(self: BrokerService, request: Any, context: grpc.ServicerContext) -> Any:
+        started = time.monotonic()
         try:
             with self.connection_slots.hold(context.peer()):
-                return method(self, request, context)
+                response = method(self, request, context)
+            self.metrics.count_messages(method.__name__, request, response)
+            return response
         except ChasquiError as error:
             self._abort(context, error)
         except Exception:
@@ -314,6 +327,10 @@ def _rpc(method: Callable[..., Any]) -> Callable[..., Any]:
             context.abort(
                 grpc.StatusCode.INTERNAL, f"internal error (see node log, ref {reference})"
             )
+        finally:
+            # One place counts every call: context.code() is what abort() set, None for OK.
+            code = context.code() or grpc.StatusCode.OK
+            self.metrics.observe_call(method.__name__, code, time.monotonic() - started)
 
     return handler
 
@@ -328,9 +345,12 @@ class BrokerService(pb_grpc.BrokerServicer):
         proposal_timeout_s: float = limits.PROPOSAL_TIMEOUT_S_DEFAULT,
         signup_open: bool = True,
         calls_in_flight_per_connection_max: int = limits.CALLS_IN_FLIGHT_PER_CONNECTION_MAX,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         """`signup_open=False` lets only admin keys create users. Every node of a cluster
-        should be configured alike: a node decides CreateUser with its own setting."""
+        should be configured alike: a node decides CreateUser with its own setting. Calls and
+        messages are counted into `metrics` (a private, unexported set when None)."""
+        self.metrics = metrics if metrics is not None else NodeMetrics()
         self._replication = replication
         self._state_machine = state_machine
         self._changes = change_board
