@@ -7,7 +7,8 @@ only check that what they measured was confirmed. Compare ratios measured in the
 - W1 sync publish: one message per call, one caller: confirmed msgs/s and p50/p99 latency.
 - W2 batched publish: `publish_many_queue` of 100 messages per call from 4 threads.
 - W3 consume+ack: `consume_many_queue` of 100 then one ack call for them.
-- failover: SIGKILL of the leader, time until the client's next publish is confirmed.
+- failover: SIGKILL of the leader, time until the client's next publish is confirmed (p50 and
+  p99 over 8 kills; the target is p99 under 1.5 s).
 Each runs with `--fsync always` and `--fsync never` so the price of durability is visible.
 """
 
@@ -31,7 +32,7 @@ W1_SECONDS = 5.0
 W2_SECONDS = 5.0
 W2_THREADS = 4
 BATCH = 100
-FAILOVER_KILLS = 5
+FAILOVER_KILLS = 8
 
 RESULTS: list[tuple[str, str, str]] = []
 
@@ -133,5 +134,5 @@ def test_failover_time(cluster: tuple[str, Cluster]) -> None:
     record(
         fsync,
         f"failover ({FAILOVER_KILLS} leader kills)",
-        f"p50 {statistics.median(gaps):.2f} s  max {max(gaps):.2f} s",
+        f"p50 {statistics.median(gaps):.2f} s  p99 {percentile(gaps, 0.99):.2f} s",
     )
