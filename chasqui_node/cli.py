@@ -60,7 +60,7 @@ _BEARER_TOKEN = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
 REDACTED = "[redacted]"
 
 
-class _OneLineFormatter(logging.Formatter):
+class TextLogFormatter(logging.Formatter):
     """One event, one line: `ts LEVEL logger [node_id]: message`, a traceback folded onto the
     same line with literal `\\n`, and secrets masked (see `_scrub`)."""
 
@@ -74,7 +74,7 @@ class _OneLineFormatter(logging.Formatter):
         return _scrub(super().format(record), self._secrets).replace("\n", "\\n")
 
 
-class _JsonFormatter(logging.Formatter):
+class JsonLogFormatter(logging.Formatter):
     """One JSON object per line: ts (UTC, ISO 8601), level, logger, message, node_id, and
     `exception` when there is a traceback. Secrets are masked as in text."""
 
@@ -113,9 +113,9 @@ def _configure_logging(
     `secrets_to_mask` are replaced by [redacted] wherever they would appear."""
     masked = tuple(secret for secret in secrets_to_mask if secret)
     formatter: logging.Formatter = (
-        _JsonFormatter(node_id, masked)
+        JsonLogFormatter(node_id, masked)
         if log_format == "json"
-        else _OneLineFormatter(node_id, masked)
+        else TextLogFormatter(node_id, masked)
     )
     handler = logging.StreamHandler()
     handler.setFormatter(formatter)
