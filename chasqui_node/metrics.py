@@ -266,6 +266,19 @@ def _gauge(name: str, documentation: str, value: float, **labels: str) -> GaugeM
     return family
 
 
+def leader_reachable(status: ReplicationStatus) -> bool:
+    """Whether this node leads, or names a leader it has a Raft connection to.
+
+    A named leader alone is not enough: pysyncobj starts no election while a follower is
+    connected to no one, so a follower whose peers all died keeps naming its old leader."""
+    leader = status.leader
+    if leader is None:
+        return False
+    if status.role is Role.LEADER:
+        return True
+    return any(peer.connected and peer.member.node_id == leader.node_id for peer in status.peers)
+
+
 def _status_gauges(status: ReplicationStatus) -> Iterator[Metric]:
     role = GaugeMetricFamily(
         "chasqui_raft_role",
@@ -290,8 +303,8 @@ def _status_gauges(status: ReplicationStatus) -> Iterator[Metric]:
     yield _gauge("chasqui_raft_log_length", "Entries in the Raft log.", status.log_length)
     yield _gauge(
         "chasqui_raft_leader_known",
-        "1 when this node knows a leader.",
-        int(status.leader is not None),
+        "1 when this node is the leader or is connected to the leader it names.",
+        int(leader_reachable(status)),
     )
     yield _gauge(
         "chasqui_raft_has_quorum", "1 when a majority is reachable.", int(status.has_quorum)

@@ -34,8 +34,13 @@ from prometheus_client import ProcessCollector
 from chasqui_node import limits
 from chasqui_node.commands import EnsureAdmin, UserCreated
 from chasqui_node.errors import ChasquiError
-from chasqui_node.metrics import MetricsHttpServer, NodeMetrics, register_node_collector
-from chasqui_node.replication import Member, RaftTimings, ReplicationStatus, Replicator, Role
+from chasqui_node.metrics import (
+    MetricsHttpServer,
+    NodeMetrics,
+    leader_reachable,
+    register_node_collector,
+)
+from chasqui_node.replication import Member, RaftTimings, ReplicationStatus, Replicator
 from chasqui_node.service import BrokerService, ChangeBoard
 from chasqui_node.state_machine import StateMachine
 from chasqui_node.storage import Storage
@@ -272,12 +277,10 @@ class NodeServer:
 
 
 def is_serving(status: ReplicationStatus, apply_lag_max: int = HEALTH_APPLY_LAG_MAX) -> bool:
-    """SERVING means: this node knows a leader (a leader must also still hear a majority) and
-    has applied everything it knows committed, give or take `apply_lag_max` entries, so what
-    it reads is current and what it proposes can commit."""
-    if status.leader is None:
-        return False
-    if status.role is Role.LEADER and not status.has_quorum:
+    """SERVING means: this node knows a leader it can reach (see `leader_reachable`), sees a
+    majority, and has applied everything it knows committed, give or take `apply_lag_max`
+    entries, so what it reads is current and what it forwards or proposes can commit."""
+    if not (leader_reachable(status) and status.has_quorum):
         return False
     return status.commit_index - status.applied_index <= apply_lag_max
 

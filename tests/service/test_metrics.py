@@ -358,7 +358,7 @@ def _status(**fields: object) -> ReplicationStatus:
         "commit_index": 500,
         "applied_index": 500,
         "log_length": 500,
-        "has_quorum": False,
+        "has_quorum": True,
         "peers": (PeerStatus(PEER, True, 0),),
     }
     base.update(fields)
@@ -370,6 +370,9 @@ def _status(**fields: object) -> ReplicationStatus:
     [
         ({}, True),
         ({"leader": None}, False),
+        ({"has_quorum": False}, False),  # a follower that sees no majority
+        ({"peers": (PeerStatus(PEER, False, 0),)}, False),  # names a leader it cannot reach
+        ({"leader": Member("n9", "h:1", "h:2")}, False),  # a leader not among its peers
         ({"role": Role.CANDIDATE, "leader": None}, False),
         ({"role": Role.LEADER, "leader": NODE, "has_quorum": True}, True),
         ({"role": Role.LEADER, "leader": NODE, "has_quorum": False}, False),
