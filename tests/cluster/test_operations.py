@@ -13,8 +13,11 @@ first.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import signal
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from chasqui_proto import chasqui_pb2 as pb
 from chasqui_proto import chasqui_pb2_grpc as pb_grpc
-from tests.harness import Cluster, free_port_block, wait_until
+from tests.harness import REPO_ROOT, Cluster, free_port_block, wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
@@ -88,12 +91,19 @@ def operated(tmp_path: Path) -> Iterator[OperatedCluster]:
     )
     base = free_port_block(len(cluster.nodes))
     ports = {node_id: base + i for i, node_id in enumerate(cluster.nodes)}
+    # Each source of the setting once: n1 the flag, n2 the environment, n3 a TOML file.
+    config_file = tmp_path / "n3.toml"
+    config_file.write_text(f"metrics_port = {ports['n3']}\n")
+    sources: dict[str, tuple[list[str], dict[str, str]]] = {
+        "n1": (["--metrics-port", str(ports["n1"])], {}),
+        "n2": ([], {"CHASQUI_METRICS_PORT": str(ports["n2"])}),
+        "n3": (["--config", str(config_file)], {}),
+    }
     try:
         for node_id in cluster.nodes:
+            arguments, environment = sources[node_id]
             cluster.start_node(
-                node_id,
-                ["--metrics-port", str(ports[node_id])],
-                environment={"CHASQUI_ADMIN_KEY": admin_key},
+                node_id, arguments, environment={"CHASQUI_ADMIN_KEY": admin_key, **environment}
             )
         cluster.wait_for_leader()
         yield OperatedCluster(cluster, ports, admin_key)
@@ -253,3 +263,38 @@ def test_a_node_cut_off_from_its_peers_goes_not_serving(operated: OperatedCluste
         f"{survivor} to know no leader",
     )
     assert operated.health(survivor) == NOT_SERVING
+
+
+def test_dev_gives_each_node_a_metrics_endpoint_and_prints_it(tmp_path: Path) -> None:
+    base = free_port_block(3)
+    command = [
+        sys.executable, "-m", "chasqui_node.cli", "dev",
+        "--nodes", "1",
+        "--data-dir", str(tmp_path),
+        "--client-port", str(base),
+        "--raft-port", str(base + 1),
+        "--metrics-port", str(base + 2),
+        "--log-format", "json",
+    ]  # fmt: skip
+    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=environment)
+    try:
+        assert process.stdout is not None
+        lines = [process.stdout.readline() for _ in range(2)]
+        url = f"http://127.0.0.1:{base + 2}/metrics"
+        assert f"metrics {url}" in lines[1], lines
+
+        def leading() -> bool:
+            with urllib.request.urlopen(url, timeout=2) as answer:
+                return 'chasqui_raft_role{role="leader"} 1.0' in answer.read().decode()
+
+        wait_until(leading, 30, "the dev node to lead and say so on /metrics")
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+    log_lines = (tmp_path / "n1" / "node.log").read_text().splitlines()
+    assert log_lines and all(json.loads(line)["node_id"] == "n1" for line in log_lines)
