@@ -7,13 +7,17 @@ a laptop or in a test:
 
     python deploy/render.py --node-id n1 --addresses 10.40.0.10,10.40.1.10,10.40.2.10 --out out/
     python deploy/render.py --local --node-id n1 --cluster n1=127.0.0.1:7101/127.0.0.1:7201,... \\
-        --secret-file secret --data-dir var/n1 --out out/n1 && bash out/n1/bootstrap.sh
+        --secret-file secret --admin-key-file admin.key --tls-dir tls/n1 --data-dir var/n1 \\
+        --out out/n1 && bash out/n1/bootstrap.sh
 
 It writes `node.toml`, `bootstrap.sh` and `user-data.yaml` (the cloud-config with all three files
-embedded). Without `--local` the values are those Terraform uses on EC2 (SSM secret, data volume,
-pip install, systemd). With `--local` the install, volume and systemd steps are switched off, the
-secret comes from `--secret-file`, and running `bootstrap.sh` becomes the node in the foreground
-(`python -m chasqui_node.cli start --config node.toml`), so its PID is the node's PID.
+embedded). Without `--local` the values are those Terraform uses on EC2 (SSM parameters, data
+volume, pip install, systemd). With `--local` the install, volume and systemd steps are switched
+off, the cluster secret and the admin key come from `--secret-file` and `--admin-key-file`, the
+client-port TLS files from `--tls-dir` (`ca.crt`, `node.crt`, `node.key`, as `chasqui-node dev
+--tls` writes them; without it the port is plaintext), and running `bootstrap.sh` becomes the
+node in the foreground (`python -m chasqui_node.cli start --config node.toml`), so its PID is the
+node's PID. Signup is closed unless `--signup open`; closed signup needs an admin key.
 
 Only the template syntax the templates use is supported: `${name}`, and the escapes `$${` and
 `%%{`. Anything else (functions, directives) is an error rather than a silent difference from
@@ -43,6 +47,9 @@ DATA_DIR_DEFAULT = "/var/lib/chasqui"
 VENV_DIR_DEFAULT = "/opt/chasqui/.venv"
 PYTHON_DEFAULT = "python3.11"
 
+SIGNUP_DEFAULT = "closed"
+TLS_FILE_NAMES = ("ca.crt", "node.crt", "node.key")  # in --tls-dir, as chasqui_node.tls writes
+
 NODE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 _TEMPLATE_TOKEN = re.compile(r"\$\$\{|%%\{|%\{|\$\{([^}]*)\}")
 
@@ -66,8 +73,22 @@ class NodeBootstrap:
     secret_parameter: str = ""
     secret_region: str = ""
     secret_file: str = ""
+    admin_key_parameter: str = ""
+    admin_key_file: str = ""
+    tls_ca_parameter: str = ""
+    tls_cert_parameter: str = ""
+    tls_key_parameter: str = ""
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
     service_mode: str = "systemd"
     node_command: str = f"{VENV_DIR_DEFAULT}/bin/chasqui-node"
+    signup: str = SIGNUP_DEFAULT  # node.toml only, like `cluster`
+
+    @property
+    def client_tls(self) -> bool:
+        """Whether the client port serves TLS: the bootstrap writes tls/ and node.toml names it."""
+        return bool(self.tls_key_parameter or self.tls_key_file)
 
     def check(self) -> None:
         """Raise RenderError for a value the bootstrap could not carry safely."""
@@ -79,6 +100,17 @@ class NodeBootstrap:
             raise RenderError(f"service mode {self.service_mode!r} is not systemd or exec")
         if not (self.secret_parameter or self.secret_file):
             raise RenderError("give a secret parameter (SSM) or a secret file")
+        if self.signup not in ("open", "closed"):
+            raise RenderError(f"signup {self.signup!r} is not open or closed")
+        if self.signup == "closed" and not (self.admin_key_parameter or self.admin_key_file):
+            raise RenderError(
+                "signup is closed, so only an admin key can create users: give an admin key "
+                "parameter (SSM) or file"
+            )
+        for kind in ("parameter", "file"):
+            given = [bool(getattr(self, f"tls_{part}_{kind}")) for part in ("ca", "cert", "key")]
+            if any(given) and not all(given):
+                raise RenderError(f"give all three TLS {kind}s (CA, certificate, key) or none")
         for name, value in asdict(self).items():
             # Values sit between single quotes in bootstrap.sh and between double quotes in
             # node.toml; node_command is embedded as shell words, already quoted.
@@ -131,12 +163,8 @@ def _template(name: str) -> str:
 def render_node(settings: NodeBootstrap) -> dict[str, str]:
     """The node's files by name: node.toml, bootstrap.sh and user-data.yaml (cloud-config)."""
     settings.check()
-    values = asdict(settings)
-    node_toml = render_template(
-        _template("node.toml.tftpl"),
-        {key: values[key] for key in ("node_id", "data_dir", "cluster")},
-    )
-    bootstrap = render_template(_template("bootstrap.sh.tftpl"), values)
+    node_toml = render_template(_template("node.toml.tftpl"), node_toml_variables(settings))
+    bootstrap = render_template(_template("bootstrap.sh.tftpl"), bootstrap_variables(settings))
     user_data = render_template(
         _template("user-data.yaml.tftpl"),
         {
@@ -150,6 +178,26 @@ def render_node(settings: NodeBootstrap) -> dict[str, str]:
     return {"node.toml": node_toml, "bootstrap.sh": bootstrap, "user-data.yaml": user_data}
 
 
+def node_toml_variables(settings: NodeBootstrap) -> dict[str, str]:
+    """What node.toml.tftpl is given (Terraform passes the same in nodes.tf). `tls_comment`
+    turns the tls_cert and tls_key lines into comments when the client port is plaintext."""
+    return {
+        "node_id": settings.node_id,
+        "config_dir": settings.config_dir,
+        "data_dir": settings.data_dir,
+        "cluster": settings.cluster,
+        "signup": settings.signup,
+        "tls_comment": "" if settings.client_tls else "# ",
+    }
+
+
+def bootstrap_variables(settings: NodeBootstrap) -> dict[str, str]:
+    """What bootstrap.sh.tftpl is given: every field except those only node.toml uses."""
+    values = asdict(settings)
+    del values["cluster"], values["signup"]
+    return values
+
+
 def _base64(text: str) -> str:
     return base64.b64encode(text.encode()).decode("ascii")
 
@@ -161,13 +209,18 @@ def local_settings(
     config_dir: Path,
     data_dir: Path,
     secret_file: Path,
+    admin_key_file: Path | None = None,
+    tls_dir: Path | None = None,
+    signup: str = SIGNUP_DEFAULT,
     python: str = sys.executable,
 ) -> NodeBootstrap:
-    """A bootstrap that runs here: no install, no data volume, no systemd, secret from a file.
+    """A bootstrap that runs here: no install, no data volume, no systemd; the cluster secret,
+    the admin key and the TLS files (`tls_dir`/ca.crt, node.crt, node.key) from files.
 
     `config_dir` must be where node.toml is written (cloud-init's job on EC2; `write_node`'s
     here). The node runs from whatever `python` can import, e.g. with PYTHONPATH at the repo.
     """
+    tls_files = [str(tls_dir / name) if tls_dir else "" for name in TLS_FILE_NAMES]
     return NodeBootstrap(
         node_id=node_id,
         cluster=cluster,
@@ -175,6 +228,11 @@ def local_settings(
         data_dir=str(data_dir),
         python=python,
         secret_file=str(secret_file),
+        admin_key_file=str(admin_key_file) if admin_key_file else "",
+        tls_ca_file=tls_files[0],
+        tls_cert_file=tls_files[1],
+        tls_key_file=tls_files[2],
+        signup=signup,
         service_mode="exec",
         node_command=shlex.join([python, "-m", "chasqui_node.cli"]),
     )
@@ -206,11 +264,21 @@ def main(arguments: Sequence[str] | None = None) -> int:
     parser.add_argument("--local", action="store_true", help="Render a bootstrap that runs here.")
     parser.add_argument("--data-dir", help="Data directory (--local: required).")
     parser.add_argument("--secret-file", type=Path, help="Cluster secret file (--local).")
+    parser.add_argument("--admin-key-file", type=Path, help="Admin key file (--local).")
+    parser.add_argument(
+        "--tls-dir", type=Path, help="Directory with ca.crt, node.crt, node.key (--local)."
+    )
+    parser.add_argument("--signup", choices=("open", "closed"), default=SIGNUP_DEFAULT)
     parser.add_argument("--python", help="Interpreter of the node (--local: this one).")
     parser.add_argument("--data-device", default="", help="Block device of the data volume.")
     parser.add_argument("--source", default="", help="pip requirement to install (EC2).")
     parser.add_argument("--secret-parameter", default="", help="SSM parameter name (EC2).")
-    parser.add_argument("--region", default="", help="Region of the SSM parameter (EC2).")
+    parser.add_argument("--admin-key-parameter", default="", help="SSM parameter name (EC2).")
+    for part, what in (("ca", "CA certificate"), ("cert", "certificate"), ("key", "key")):
+        parser.add_argument(
+            f"--tls-{part}-parameter", default="", help=f"SSM parameter: TLS {what} (EC2)."
+        )
+    parser.add_argument("--region", default="", help="Region of the SSM parameters (EC2).")
     options = parser.parse_args(arguments)
 
     cluster = options.cluster or cluster_string(
@@ -227,6 +295,9 @@ def main(arguments: Sequence[str] | None = None) -> int:
             config_dir=options.out.resolve(),
             data_dir=Path(options.data_dir).resolve(),
             secret_file=options.secret_file.resolve(),
+            admin_key_file=options.admin_key_file.resolve() if options.admin_key_file else None,
+            tls_dir=options.tls_dir.resolve() if options.tls_dir else None,
+            signup=options.signup,
             python=options.python or sys.executable,
         )
     else:
@@ -237,6 +308,11 @@ def main(arguments: Sequence[str] | None = None) -> int:
             install_source=options.source,
             secret_parameter=options.secret_parameter,
             secret_region=options.region,
+            admin_key_parameter=options.admin_key_parameter,
+            tls_ca_parameter=options.tls_ca_parameter,
+            tls_cert_parameter=options.tls_cert_parameter,
+            tls_key_parameter=options.tls_key_parameter,
+            signup=options.signup,
         )
         if options.data_dir:
             settings = replace(settings, data_dir=options.data_dir)

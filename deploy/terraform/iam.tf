@@ -1,5 +1,7 @@
-# Least privilege: a node may read its one SSM parameter and decrypt it through SSM with the
-# cluster key, nothing else. Logs stay in the journal on the node; nothing is shipped to
+# Least privilege: a node may read the SSM parameters its bootstrap reads (the cluster secret,
+# the admin key and, with client_tls, the CA certificate and the nodes' certificates and keys)
+# and decrypt them through SSM with the cluster key, nothing else. The nodes share this one role,
+# so each may read every node's TLS key, not only its own (see tls.tf for why that is accepted). Logs stay in the journal on the node; nothing is shipped to
 # CloudWatch, so no logs permission is granted.
 
 data "aws_iam_policy_document" "node_assume" {
@@ -14,19 +16,19 @@ data "aws_iam_policy_document" "node_assume" {
 
 resource "aws_iam_role" "node" {
   name               = "${var.name}-node"
-  description        = "Chasqui node: read the cluster secret parameter"
+  description        = "Chasqui node: read the cluster secret, admin key and TLS parameters"
   assume_role_policy = data.aws_iam_policy_document.node_assume.json
 }
 
 data "aws_iam_policy_document" "node" {
   statement {
-    sid       = "ReadClusterSecret"
+    sid       = "ReadNodeParameters"
     actions   = ["ssm:GetParameter"]
-    resources = [aws_ssm_parameter.cluster_secret.arn]
+    resources = local.node_parameter_arns
   }
 
   statement {
-    sid       = "DecryptClusterSecretThroughSsm"
+    sid       = "DecryptNodeParametersThroughSsm"
     actions   = ["kms:Decrypt"]
     resources = [aws_kms_key.main.arn]
     condition {
@@ -37,8 +39,19 @@ data "aws_iam_policy_document" "node" {
   }
 }
 
+locals {
+  # Exactly the parameters a bootstrap reads; no wildcard, so a parameter added later under the
+  # same path is not readable by the nodes until it is listed here.
+  node_parameter_arns = concat(
+    [aws_ssm_parameter.cluster_secret.arn, aws_ssm_parameter.admin_key.arn],
+    aws_ssm_parameter.tls_ca_cert[*].arn,
+    [for node_id in local.node_ids : aws_ssm_parameter.tls_cert[node_id].arn if var.client_tls],
+    [for node_id in local.node_ids : aws_ssm_parameter.tls_key[node_id].arn if var.client_tls],
+  )
+}
+
 resource "aws_iam_role_policy" "node" {
-  name   = "read-cluster-secret"
+  name   = "read-node-parameters"
   role   = aws_iam_role.node.id
   policy = data.aws_iam_policy_document.node.json
 }

@@ -32,6 +32,8 @@ locals {
   account_id               = data.aws_caller_identity.current.account_id
   partition                = data.aws_partition.current.partition
   cluster_secret_parameter = "/${var.name}/cluster-secret"
+  admin_key_parameter      = "/${var.name}/admin-key"
+  tls_parameter_prefix     = "/${var.name}/tls"
 
   # Paths on the node; the systemd unit in deploy/systemd names the same ones.
   config_dir   = "/etc/chasqui"

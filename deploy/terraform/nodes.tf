@@ -10,24 +10,35 @@ locals {
       node_id    = node_id
       config_dir = local.config_dir
       node_toml_b64 = base64encode(templatefile("${local.cloud_init}/node.toml.tftpl", {
-        node_id  = node_id
-        data_dir = local.data_dir
-        cluster  = local.cluster
+        node_id     = node_id
+        config_dir  = local.config_dir
+        data_dir    = local.data_dir
+        cluster     = local.cluster
+        signup      = var.signup
+        tls_comment = var.client_tls ? "" : "# "
       }))
       systemd_unit_b64 = base64encode(local.systemd_unit)
       bootstrap_b64 = base64encode(templatefile("${local.cloud_init}/bootstrap.sh.tftpl", {
-        node_id          = node_id
-        config_dir       = local.config_dir
-        data_dir         = local.data_dir
-        data_device      = "/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_${replace(aws_ebs_volume.data[node_id].id, "-", "")}"
-        install_source   = var.chasqui_source
-        python           = var.python
-        venv_dir         = local.venv_dir
-        secret_parameter = aws_ssm_parameter.cluster_secret.name
-        secret_region    = var.region
-        secret_file      = ""
-        service_mode     = "systemd"
-        node_command     = "${local.venv_dir}/bin/chasqui-node"
+        node_id             = node_id
+        config_dir          = local.config_dir
+        data_dir            = local.data_dir
+        data_device         = "/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_${replace(aws_ebs_volume.data[node_id].id, "-", "")}"
+        install_source      = var.chasqui_source
+        python              = var.python
+        venv_dir            = local.venv_dir
+        secret_parameter    = aws_ssm_parameter.cluster_secret.name
+        secret_region       = var.region
+        secret_file         = ""
+        admin_key_parameter = aws_ssm_parameter.admin_key.name
+        admin_key_file      = ""
+        tls_ca_parameter    = var.client_tls ? aws_ssm_parameter.tls_ca_cert[0].name : ""
+        tls_cert_parameter  = var.client_tls ? aws_ssm_parameter.tls_cert[node_id].name : ""
+        tls_key_parameter   = var.client_tls ? aws_ssm_parameter.tls_key[node_id].name : ""
+        tls_ca_file         = ""
+        tls_cert_file       = ""
+        tls_key_file        = ""
+        service_mode        = "systemd"
+        node_command        = "${local.venv_dir}/bin/chasqui-node"
       }))
     })
   }
@@ -60,7 +71,9 @@ resource "aws_instance" "node" {
   associate_public_ip_address = var.public_ip_enabled
   monitoring                  = true
   ebs_optimized               = true
-  user_data                   = local.user_data[each.key]
+  # Gzipped: cloud-init unpacks it, and the cloud-config (the bootstrap with its TLS steps is
+  # most of it) stays far below EC2's 16 KB user-data limit; a test checks the size for 9 nodes.
+  user_data_base64 = base64gzip(local.user_data[each.key])
 
   metadata_options {
     http_endpoint               = "enabled"
@@ -82,10 +95,10 @@ resource "aws_instance" "node" {
   # A new AMI or a changed member list must not touch running nodes all at once: replace them
   # one at a time with `terraform apply -replace='aws_instance.node["n2"]'` (see deploy/README.md).
   lifecycle {
-    ignore_changes = [ami, user_data]
+    ignore_changes = [ami, user_data_base64]
   }
 
-  # The bootstrap reads the secret at first boot; the role must already allow it.
+  # The bootstrap reads its parameters at first boot; the role must already allow it.
   depends_on = [aws_iam_role_policy.node]
 }
 

@@ -4,7 +4,7 @@ output "client_endpoints" {
 }
 
 output "client_endpoints_csv" {
-  description = "The same addresses comma separated, for `chasqui-node status --endpoints`."
+  description = "The same addresses comma separated, for `chasqui-node status --endpoints` (with `--tls-ca` naming a file holding tls_ca_certificate when client_tls is on)."
   value       = join(",", [for node_id in local.node_ids : "${local.nodes[node_id].private_ip}:${var.client_port}"])
 }
 
@@ -29,4 +29,19 @@ output "nodes" {
 output "cluster_secret_parameter" {
   description = "SSM parameter (SecureString) holding the cluster secret."
   value       = aws_ssm_parameter.cluster_secret.name
+}
+
+output "admin_key_parameter" {
+  description = "SSM parameter (SecureString) holding the bootstrap admin key; read it with `aws ssm get-parameter --with-decryption --name ...`. The key itself is never an output."
+  value       = aws_ssm_parameter.admin_key.name
+}
+
+output "signup" {
+  description = "Who may create users: \"closed\" (only the admin key) or \"open\"."
+  value       = var.signup
+}
+
+output "tls_ca_certificate" {
+  description = "PEM certificate of the cluster CA that signed every node's client-port certificate (null when client_tls is false). Clients trust it: grpc.ssl_channel_credentials(root_certificates=...) or `chasqui-node status --tls-ca FILE`."
+  value       = var.client_tls ? tls_self_signed_cert.ca[0].cert_pem : null
 }

@@ -1,8 +1,9 @@
 # One customer-managed KMS key encrypts what the cluster keeps at rest: the data and root
-# volumes, the cluster secret in SSM Parameter Store, and the flow logs.
+# volumes, the cluster secret, the admin key and the TLS material in SSM Parameter Store, and the
+# flow logs.
 
 resource "aws_kms_key" "main" {
-  description             = "Chasqui cluster ${var.name}: EBS volumes, cluster secret, flow logs"
+  description             = "Chasqui cluster ${var.name}: EBS volumes, SSM parameters, flow logs"
   enable_key_rotation     = true
   deletion_window_in_days = var.kms_deletion_window_days
 
@@ -52,4 +53,21 @@ resource "aws_ssm_parameter" "cluster_secret" {
   type        = "SecureString"
   key_id      = aws_kms_key.main.arn
   value       = random_password.cluster_secret.result
+}
+
+# The bootstrap admin key: the one credential that may create users while signup is closed. Only
+# letters and digits (special = false), so it is URL-safe as the node requires, and 48 of them
+# (about 285 bits). Like the cluster secret it is also in the Terraform state. Read it with
+# `aws ssm get-parameter --with-decryption --name <admin_key_parameter output>`.
+resource "random_password" "admin_key" {
+  length  = 48
+  special = false
+}
+
+resource "aws_ssm_parameter" "admin_key" {
+  name        = local.admin_key_parameter
+  description = "Chasqui cluster ${var.name}: bootstrap admin key, read by every node at boot"
+  type        = "SecureString"
+  key_id      = aws_kms_key.main.arn
+  value       = random_password.admin_key.result
 }

@@ -167,3 +167,42 @@ variable "kms_deletion_window_days" {
   type        = number
   default     = 30
 }
+
+variable "signup" {
+  description = "Who may create users: \"closed\" (only the admin key, from the SSM parameter in the admin_key_parameter output) or \"open\" (any client that reaches the client port). Every node gets the same value."
+  type        = string
+  default     = "closed"
+
+  validation {
+    condition     = contains(["open", "closed"], var.signup)
+    error_message = "signup must be \"open\" or \"closed\"."
+  }
+}
+
+variable "client_tls" {
+  description = "Serve the client port over TLS with certificates made here: a cluster CA (its certificate is the tls_ca_certificate output, for clients to trust) and one certificate per node for its private IP. The private keys are kept in the Terraform state and in SSM SecureString parameters. Set false only where the client traffic is protected some other way."
+  type        = bool
+  default     = true
+}
+
+variable "tls_cert_validity_days" {
+  description = "Validity of each node's client-port certificate. Terraform replaces a certificate at the first apply within 30 days of its expiry; a node picks the new one up when its bootstrap runs again (see deploy/README.md)."
+  type        = number
+  default     = 365
+
+  validation {
+    condition     = var.tls_cert_validity_days >= 60 && var.tls_cert_validity_days <= 825
+    error_message = "tls_cert_validity_days must be between 60 and 825."
+  }
+}
+
+variable "tls_ca_validity_days" {
+  description = "Validity of the cluster CA certificate that clients trust. When it is replaced every client needs the new tls_ca_certificate output, so it outlives many node certificates."
+  type        = number
+  default     = 3650
+
+  validation {
+    condition     = var.tls_ca_validity_days >= 365 && var.tls_ca_validity_days <= 7300
+    error_message = "tls_ca_validity_days must be between 365 and 7300."
+  }
+}

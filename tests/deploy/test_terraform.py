@@ -17,7 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -121,11 +121,12 @@ def test_every_tf_file_parses(path: Path) -> None:
     assert parse(path), f"{path.name} parsed to nothing"
 
 
-def test_aws_provider_is_pinned() -> None:
+@pytest.mark.parametrize("provider", ["aws", "random", "tls"])
+def test_providers_are_pinned(provider: str) -> None:
     (terraform,) = [block for path in TF_FILES for block in parse(path).get("terraform", [])]
-    (aws,) = terraform["required_providers"][0]["aws"]
-    assert aws["source"] == "hashicorp/aws"
-    assert re.fullmatch(r"~> \d+\.\d+", aws["version"])
+    (pinned,) = terraform["required_providers"][0][provider]
+    assert pinned["source"] == f"hashicorp/{provider}"
+    assert re.fullmatch(r"~> \d+\.\d+", pinned["version"])
 
 
 def test_every_variable_is_documented_and_typed() -> None:
@@ -165,6 +166,63 @@ def test_instances_require_imdsv2_and_encrypt_every_volume() -> None:
     volume = resources["aws_ebs_volume"]["data"]
     assert volume["encrypted"] == [True] and volume["type"] == ["gp3"]
     assert resources["aws_ssm_parameter"]["cluster_secret"]["type"] == ["SecureString"]
+
+
+def test_every_parameter_is_a_secure_string_under_the_cluster_key() -> None:
+    parameters = blocks("resource")["aws_ssm_parameter"]
+    assert set(parameters) == {"cluster_secret", "admin_key", "tls_ca_cert", "tls_cert", "tls_key"}
+    for name, parameter in parameters.items():
+        assert parameter["type"] == ["SecureString"], name
+        assert parameter["key_id"] == ["${aws_kms_key.main.arn}"], name
+
+
+def test_admin_key_is_generated_url_safe_and_only_its_parameter_is_output() -> None:
+    resources = blocks("resource")
+    admin_key = resources["random_password"]["admin_key"]
+    assert admin_key["special"] == [False] and admin_key["length"][0] >= 32
+    assert resources["aws_ssm_parameter"]["admin_key"]["value"] == [
+        "${random_password.admin_key.result}"
+    ]
+    outputs = blocks("output")
+    assert outputs["admin_key_parameter"]["value"] == ["${aws_ssm_parameter.admin_key.name}"]
+    for name, output in outputs.items():
+        value = str(output["value"])
+        for secret in (".result", "private_key_pem", "ssm_parameter.cluster_secret.value"):
+            assert secret not in value, f"output {name} exposes {secret}"
+
+
+def test_node_role_reads_exactly_the_bootstrap_parameters() -> None:
+    (statement,) = [
+        s for s in blocks("data")["aws_iam_policy_document"]["node"]["statement"]
+        if s["actions"] == [["ssm:GetParameter"]] or s["actions"] == ["ssm:GetParameter"]
+    ]  # fmt: skip
+    assert statement["resources"] == ["${local.node_parameter_arns}"]
+    text = (TERRAFORM_DIR / "iam.tf").read_text()
+    arns = text[text.index("node_parameter_arns = concat(") :]
+    arns = arns[: arns.index("\n  )\n")]
+    referenced = set(re.findall(r"aws_ssm_parameter\.([a-z_]+)", arns))
+    assert referenced == set(blocks("resource")["aws_ssm_parameter"])
+    assert '"' not in arns, "only the parameters' own ARNs: no literal ARN, no wildcard"
+
+
+def test_client_tls_makes_a_ca_and_a_certificate_per_node_for_its_address() -> None:
+    resources = blocks("resource")
+    assert blocks("variable")["client_tls"]["default"] == [True]
+    ca = resources["tls_self_signed_cert"]["ca"]
+    assert ca["is_ca_certificate"] == [True] and "cert_signing" in ca["allowed_uses"][0]
+    request = resources["tls_cert_request"]["node"]
+    assert request["for_each"] == ["${var.client_tls ? local.nodes : {}}"]
+    assert request["ip_addresses"] == [["${each.value.private_ip}"]]
+    signed = resources["tls_locally_signed_cert"]["node"]
+    assert signed["ca_cert_pem"] == ["${tls_self_signed_cert.ca[0].cert_pem}"]
+    assert "server_auth" in signed["allowed_uses"][0]
+    assert resources["aws_ssm_parameter"]["tls_key"]["value"] == [
+        "${tls_private_key.node[each.key].private_key_pem_pkcs8}"
+    ]
+    for key in resources["tls_private_key"].values():
+        assert key["algorithm"] == ["ECDSA"] and key["ecdsa_curve"] == ["P256"]
+    (ca_output,) = blocks("output")["tls_ca_certificate"]["value"]
+    assert ca_output.startswith("${var.client_tls ? tls_self_signed_cert.ca[0].cert_pem : ")
 
 
 # -- checkov -----------------------------------------------------------------------------------
@@ -261,6 +319,8 @@ VALIDATION_CASES = {
     "availability_zones": ([["a", "b", "c"]], [["a", "b"], ["a", "a", "b"], ["a", "b", "c", "d"]]),
     "instance_type": (["m6i.large", "t3.medium", "c7g.xlarge"], ["t2.micro", "m4.large"]),
     "vpc_cidr": (["10.40.0.0/16", "10.0.0.0/22"], ["10.0.0.0/23", "nonsense"]),
+    "signup": (["closed", "open"], ["Closed", "", "invite"]),
+    "tls_cert_validity_days": ([60, 365, 825], [30, 3650]),
 }
 
 
@@ -306,9 +366,11 @@ def templatefile_call_keys(template_name: str) -> set[str]:
 
 
 def test_terraform_passes_every_template_variable(render: ModuleType) -> None:
+    settings = render.NodeBootstrap(node_id="n1", cluster="n1=a:1/a:2", secret_file="s")
     bootstrap_fields = {field.name for field in fields(render.NodeBootstrap)}
-    assert templatefile_call_keys("bootstrap.sh.tftpl") == bootstrap_fields - {"cluster"}
-    assert templatefile_call_keys("node.toml.tftpl") == {"node_id", "data_dir", "cluster"}
+    assert set(render.bootstrap_variables(settings)) == bootstrap_fields - {"cluster", "signup"}
+    assert templatefile_call_keys("bootstrap.sh.tftpl") == set(render.bootstrap_variables(settings))
+    assert templatefile_call_keys("node.toml.tftpl") == set(render.node_toml_variables(settings))
     assert templatefile_call_keys("user-data.yaml.tftpl") == {
         "node_id", "config_dir", "node_toml_b64", "systemd_unit_b64", "bootstrap_b64",
     }  # fmt: skip
@@ -325,6 +387,7 @@ def test_renderer_defaults_match_terraform(render: ModuleType) -> None:
     assert locals_block["config_dir"] == [render.CONFIG_DIR_DEFAULT]
     assert locals_block["data_dir"] == [render.DATA_DIR_DEFAULT]
     assert locals_block["venv_dir"] == [render.VENV_DIR_DEFAULT]
+    assert variables["signup"]["default"] == [render.SIGNUP_DEFAULT]
     unit = (DEPLOY_DIR / "systemd" / "chasqui-node.service").read_text()
     assert f"ExecStart={render.VENV_DIR_DEFAULT}/bin/chasqui-node start --config " in unit
     assert f"{render.CONFIG_DIR_DEFAULT}/node.toml" in unit
@@ -358,9 +421,45 @@ def test_terraform_cluster_string_matches_renderer(tmp_path: Path, render: Modul
     )
 
 
+def tls_parameters(node_id: str) -> dict[str, str]:
+    return {
+        "tls_ca_parameter": "/chasqui/tls/ca-cert",
+        "tls_cert_parameter": f"/chasqui/tls/{node_id}/cert",
+        "tls_key_parameter": f"/chasqui/tls/{node_id}/key",
+    }
+
+
+def templatefile_expressions(render: ModuleType, settings: Any) -> dict[str, str]:
+    """HCL that renders the node's three files as nodes.tf does: node.toml, bootstrap.sh and the
+    cloud-config embedding them, with tls_comment computed by nodes.tf's own expression."""
+    template_dir = DEPLOY_DIR / "cloud-init"
+
+    def call(name: str, variables: dict[str, str]) -> str:
+        return f"templatefile({hcl(str(template_dir / name))}, {hcl(variables)})"
+
+    toml_variables = render.node_toml_variables(settings)
+    node_toml = call("node.toml.tftpl", toml_variables).replace(
+        f'"tls_comment": {hcl(toml_variables["tls_comment"])}',
+        f'"tls_comment": ({hcl(settings.client_tls)} ? "" : "# ")',
+    )
+    bootstrap = call("bootstrap.sh.tftpl", render.bootstrap_variables(settings))
+    unit_path = hcl(str(DEPLOY_DIR / "systemd" / "chasqui-node.service"))
+    user_data = (
+        f"templatefile({hcl(str(template_dir / 'user-data.yaml.tftpl'))}, {{"
+        f"node_id = {hcl(settings.node_id)}, config_dir = {hcl(settings.config_dir)}, "
+        f"node_toml_b64 = base64encode({node_toml}), "
+        f"systemd_unit_b64 = base64encode(file({unit_path})), "
+        f"bootstrap_b64 = base64encode({bootstrap})}})"
+    )
+    return {"node.toml": node_toml, "bootstrap.sh": bootstrap, "user-data.yaml": user_data}
+
+
+@pytest.mark.parametrize("client_tls", [True, False], ids=["tls", "plaintext"])
 def test_templates_render_the_same_in_terraform_and_renderer(
-    tmp_path: Path, render: ModuleType
+    tmp_path: Path, render: ModuleType, client_tls: bool
 ) -> None:
+    """The renderer's variables are the ones nodes.tf passes (test above); here Terraform's own
+    templatefile() and render.py turn them into the same bytes, with TLS on and off."""
     settings = render.NodeBootstrap(
         node_id="n2",
         cluster=render.cluster_string(["10.40.0.10", "10.40.1.10", "10.40.2.10"]),
@@ -368,31 +467,37 @@ def test_templates_render_the_same_in_terraform_and_renderer(
         install_source="git+https://github.com/acme/chasqui.git@v0.1.0",
         secret_parameter="/chasqui/cluster-secret",
         secret_region="eu-west-1",
+        admin_key_parameter="/chasqui/admin-key",
+        **(tls_parameters("n2") if client_tls else {}),
     )
     rendered = render.render_node(settings)
-    values = asdict(settings)
-    template_dir = DEPLOY_DIR / "cloud-init"
+    expressions = templatefile_expressions(render, settings)
+    evaluated = console(tmp_path, list(expressions.values()))
+    for name, text in zip(expressions, evaluated, strict=True):
+        assert text == rendered[name], f"{name} differs between Terraform and render.py"
+    assert ('\ntls_key = "/etc/chasqui/tls/node.key"' in rendered["node.toml"]) is client_tls
+    nodes_tf = (TERRAFORM_DIR / "nodes.tf").read_text()
+    assert 'tls_comment = var.client_tls ? "" : "# "' in nodes_tf
 
-    def call(name: str, variables: dict[str, str]) -> str:
-        return f"templatefile({hcl(str(template_dir / name))}, {hcl(variables)})"
 
-    node_toml_variables = {key: values[key] for key in ("node_id", "data_dir", "cluster")}
-    unit_path = hcl(str(DEPLOY_DIR / "systemd" / "chasqui-node.service"))
-    user_data = (
-        f"templatefile({hcl(str(template_dir / 'user-data.yaml.tftpl'))}, {{"
-        f"node_id = {hcl(settings.node_id)}, config_dir = {hcl(settings.config_dir)}, "
-        f"node_toml_b64 = base64encode({call('node.toml.tftpl', node_toml_variables)}), "
-        f"systemd_unit_b64 = base64encode(file({unit_path})), "
-        f"bootstrap_b64 = base64encode({call('bootstrap.sh.tftpl', values)})}})"
+def test_user_data_fits_the_ec2_limit_with_nine_nodes(tmp_path: Path, render: ModuleType) -> None:
+    """EC2 takes at most 16 KB of user data; nodes.tf sends the cloud-config gzipped
+    (base64gzip), measured here by Terraform for the longest member list and long values."""
+    name = "/chasqui-production-cluster-a1"
+    settings = render.NodeBootstrap(
+        node_id="n9",
+        cluster=render.cluster_string([f"10.240.{i % 3}.{10 + i // 3}" for i in range(9)]),
+        data_device="/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol0123456789abcdef0",
+        install_source="git+https://github.com/some-organisation/chasqui.git@" + "0" * 40,
+        secret_parameter=f"{name}/cluster-secret",
+        secret_region="ap-southeast-2",
+        admin_key_parameter=f"{name}/admin-key",
+        **{key: name + value for key, value in tls_parameters("n9").items()},
     )
-    node_toml, bootstrap, user_data_text = console(
-        tmp_path,
-        [
-            call("node.toml.tftpl", node_toml_variables),
-            call("bootstrap.sh.tftpl", values),
-            user_data,
-        ],
-    )
-    assert node_toml == rendered["node.toml"]
-    assert bootstrap == rendered["bootstrap.sh"]
-    assert user_data_text == rendered["user-data.yaml"]
+    nodes_tf = (TERRAFORM_DIR / "nodes.tf").read_text()
+    assert "user_data_base64 = base64gzip(local.user_data[each.key])" in nodes_tf
+    user_data = templatefile_expressions(render, settings)["user-data.yaml"]
+    (encoded_length,) = console(tmp_path, [f"length(base64gzip({user_data}))"])
+    gzipped_bytes = encoded_length * 3 // 4
+    assert gzipped_bytes < 16384 // 2, f"{gzipped_bytes} bytes: too close to EC2's 16 KB"
+    assert len(render.render_node(settings)["user-data.yaml"]) > 16384 // 2  # worth gzipping

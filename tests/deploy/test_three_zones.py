@@ -1,10 +1,13 @@
 """Three "availability zones" on one host: a network namespace per zone, each joined by a veth pair
 to a bridge in the test's own namespace, each with its own 10.x address, and in each one node
-started from its rendered bootstrap, with the same ports on every node as on EC2.
+started from its rendered bootstrap, with the same ports on every node as on EC2. Each node runs
+as Terraform configures it: signup closed with an admin key, and TLS on the client port with a
+certificate for the zone's address (from a test CA, made with `chasqui_node.tls`).
 
-The cluster forms, serves a client through the bridge, and survives the leader's zone going dark
-(its link set down, so the node keeps running but nothing reaches it): the other two elect a
-leader and accept a publish. When the zone comes back its node catches up with the others.
+The cluster forms, serves a client (the admin's, trusting the CA) through the bridge, and
+survives the leader's zone going dark (its link set down, so the node keeps running but nothing
+reaches it): the other two elect a leader and accept a publish. When the zone comes back its node
+catches up with the others.
 
 The namespaces, veth pairs and bridge are created by the test and deleted afterwards, pass or
 fail. The test is skipped, saying why, where they cannot be created (not root, no CAP_NET_ADMIN,
@@ -29,7 +32,13 @@ from types import ModuleType
 import pytest
 
 from chasqui_client import Client
-from tests.deploy.conftest import start_bootstrap, write_local_bootstraps
+from tests.deploy.conftest import (
+    TlsCluster,
+    start_bootstrap,
+    wait_for_admin,
+    write_local_bootstraps,
+    write_node_credentials,
+)
 from tests.harness import Cluster, wait_until
 
 IP_TIMEOUT_S = 10
@@ -164,10 +173,10 @@ def check_reachable(zones: list[Zone]) -> None:
 @pytest.fixture
 def zoned_cluster(
     zones: list[Zone], tmp_path: Path, render: ModuleType
-) -> Iterator[tuple[Cluster, dict[str, Zone]]]:
+) -> Iterator[tuple[TlsCluster, dict[str, Zone]]]:
     """One node per zone, each run by its rendered bootstrap inside its namespace; stopped by
     PID afterwards (before the fixture above deletes the namespaces)."""
-    cluster = Cluster(tmp_path / "nodes", size=ZONES, secret="unused: the secret is in node.env")
+    cluster = TlsCluster(tmp_path / "nodes", size=ZONES, secret="unused: in node.env", ca_pem=b"")
     zone_of = {}
     for (node_id, node), zone in zip(cluster.nodes.items(), zones, strict=True):
         node.client_address = f"{zone.address}:{CLIENT_PORT}"
@@ -177,9 +186,12 @@ def zoned_cluster(
     assert cluster.cluster_arg == ",".join(
         f"{n.node_id}={n.client_address}/{n.raft_address}" for n in cluster.nodes.values()
     )
+    admin_key_file, cluster.ca_pem = write_node_credentials(cluster, tmp_path)
     secret_file = tmp_path / "cluster-secret"
     secret_file.write_text(secrets.token_urlsafe(32) + "\n")
-    bootstraps = write_local_bootstraps(render, cluster, tmp_path, secret_file)
+    bootstraps = write_local_bootstraps(
+        render, cluster, tmp_path, secret_file, admin_key_file=admin_key_file, tls=True
+    )
     try:
         for node_id, bootstrap in bootstraps.items():
             start_bootstrap(
@@ -208,12 +220,14 @@ def reachable_leader(cluster: Cluster, dark: str) -> str | None:
 
 @pytest.mark.timeout(150)
 def test_three_zones_form_a_cluster_and_survive_one_zone_going_dark(
-    zoned_cluster: tuple[Cluster, dict[str, Zone]],
+    zoned_cluster: tuple[TlsCluster, dict[str, Zone]], tmp_path: Path
 ) -> None:
     cluster, zone_of = zoned_cluster
     first_leader = cluster.wait_for_leader(timeout_s=LEADER_WAIT_S)
     wait_until(lambda: len(cluster.statuses()) == ZONES, LEADER_WAIT_S, "every zone's node")
-    client = cluster.client()
+    admin_key = (tmp_path / "admin.key").read_text().splitlines()[0]
+    wait_for_admin(cluster, admin_key, LEADER_WAIT_S)
+    client = cluster.client(admin_key)
     client.create_queue("zones")
     client.publish_queue("zones", b"before")
     cluster.wait_converged()
@@ -228,7 +242,7 @@ def test_three_zones_form_a_cluster_and_survive_one_zone_going_dark(
     survivors = [
         node.client_address for node in cluster.nodes.values() if node.node_id != first_leader
     ]
-    with Client(survivors) as two_zone_client:
+    with Client(survivors, admin_key, credentials=cluster.credentials()) as two_zone_client:
         receipt = two_zone_client.publish_queue("zones", b"during")
         assert not receipt.duplicate
         received = [two_zone_client.consume_queue("zones", timeout_s=10) for _ in range(2)]
