@@ -46,6 +46,8 @@ counters live in the metadata records.
 
 Refusals: each handler validates fully (raising a `ChasquiError`) before its first write;
 `apply_entry` turns the raise into the command's result, so a refused command writes nothing.
+Topic and queue metadata an entry changes is kept decoded and stored once, after the entry's last
+command (see `_Applier`); the stored bytes are the same as writing it after every command.
 Housekeeping (dedup expiry, purging deleted incarnations) runs before each command and writes
 only when there is something to purge.
 """
@@ -53,12 +55,11 @@ only when there is something to purge.
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import json
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from chasqui_node import limits
 from chasqui_node.commands import (
@@ -224,8 +225,7 @@ _INCARNATION_PREFIXES = (
 _LEASED = b"L"
 
 
-def _u64(value: int) -> bytes:
-    return _U64.pack(value)
+_u64: Callable[[int], bytes] = _U64.pack  # bound directly: called several times per message
 
 
 def _read_u64(data: bytes, at: int = 0) -> int:
@@ -250,6 +250,9 @@ class _TopicMeta:
     publishers: list[str] = field(default_factory=list)  # empty: anyone may publish
     consumers: list[str] = field(default_factory=list)  # empty: anyone may consume
 
+    def copy(self) -> _TopicMeta:
+        return _copy_meta(self)
+
 
 @dataclass
 class _QueueMeta:
@@ -266,20 +269,39 @@ class _QueueMeta:
     publishers: list[str] = field(default_factory=list)  # empty: anyone may publish
     consumers: list[str] = field(default_factory=list)  # empty: anyone may consume
 
+    def copy(self) -> _QueueMeta:
+        return _copy_meta(self)
+
 
 _Meta = TypeVar("_Meta", _TopicMeta, _QueueMeta)
 
 
+def _copy_meta(meta: _Meta) -> _Meta:
+    """An independent copy, made field by field: several times cheaper than decoding the JSON
+    again, or than `dataclasses.replace`."""
+    fields = meta.__dict__.copy()
+    fields["publishers"] = fields["publishers"].copy()
+    fields["consumers"] = fields["consumers"].copy()
+    clone = object.__new__(type(meta))
+    clone.__dict__ = fields
+    return clone
+
+
+_JSON_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+
+
 def _encode_json(record: _TopicMeta | _QueueMeta | dict[str, Any]) -> bytes:
-    fields = record if isinstance(record, dict) else dataclasses.asdict(record)
-    return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+    # A metadata dataclass's __dict__ holds exactly its fields (the lists are only read), so
+    # this is the JSON of `dataclasses.asdict(record)` without its deep copy.
+    fields = record if isinstance(record, dict) else vars(record)
+    return _JSON_ENCODER.encode(fields).encode()
 
 
 def _decode_meta(cls: type[_Meta], value: bytes) -> _Meta:
     return cls(**json.loads(value))
 
 
-@dataclass
+@dataclass(slots=True)
 class _QueueMessage:
     publish_time_ms: int
     visible_at_ms: int
@@ -308,14 +330,16 @@ class _QueueMessage:
         return _QueueMessage(publish_time, visible_at, count, leased, producer, body)
 
 
-@dataclass(frozen=True)
-class _NewMessage:
-    """A batch item that is not a duplicate, with the sequence or offset it will be given."""
+class _NewMessage(NamedTuple):
+    """A batch item that is not a duplicate, with the sequence or offset it will be given.
+    (A named tuple rather than a frozen dataclass: one is built per published message, and a
+    frozen dataclass's constructor costs several times as much.)"""
 
     body: bytes
     delay_ms: int
     dedup_key: bytes  # b"" without a producer id
     position: int
+    dedup_value: bytes | None  # the stored dedup record of an expired earlier publish, if any
 
 
 @dataclass
@@ -443,7 +467,10 @@ def _lookup_user(store: Store, key_hash: str) -> UserInfo | None:
 
 def _authenticated(store: Store, key_hash: str) -> UserInfo:
     """Raises Unauthenticated for an unknown or revoked key."""
-    user = _lookup_user(store, key_hash)
+    return _check_authenticated(_lookup_user(store, key_hash))
+
+
+def _check_authenticated(user: UserInfo | None) -> UserInfo:
     if user is None:
         raise Unauthenticated("unknown key")
     if user.revoked:
@@ -489,6 +516,7 @@ class StateMachine:
                 results.append(applier.apply(command))
             except ChasquiError as error:
                 results.append(error)
+        applier.write_metas()
         return results
 
     def authenticate(self, store: Store, key_hash: str) -> UserInfo:
@@ -578,11 +606,28 @@ def _scan_all(store: Store, prefix: bytes) -> list[tuple[str, bytes]]:
 
 
 class _Applier:
-    """Applies the commands of one entry at one clock."""
+    """Applies the commands of one entry at one clock.
+
+    It lives for one entry and caches what the entry's commands read again and again (an entry
+    often carries a hundred acks of one queue): users by key hash, and topic and queue metadata
+    decoded, which is written back once, by `write_metas` after the last command, rather than
+    re-encoded per command. Handlers get a private copy of a cached meta and change the cache
+    only through `put_meta` / `delete_meta`, so what a handler changes without storing it (a
+    refused command, a consume that leaves the depth alone) is dropped as before. It also
+    remembers facts that no later command of the entry can undo (no expired dedup record, no
+    deleted incarnation left to purge, the age of a topic's oldest message) to skip scans."""
 
     def __init__(self, store: Store, clock: int) -> None:
         self.store = store
         self.clock = clock
+        self.users: dict[str, UserInfo | None] = {}
+        self.metas: dict[bytes, _TopicMeta | _QueueMeta | None] = {}  # None: no such name
+        self.metas_changed: dict[bytes, None] = {}  # keys to write back, in first-change order
+        self.names_checked: set[tuple[Kind, str]] = set()
+        self.dedup_expired_none = False  # True once no dedup record is due at this clock
+        self.deleted_none = False  # True once no deleted incarnation is left to purge
+        # (incarnation, offset) of a topic's first stored message -> its publish_time_ms.
+        self.topic_heads: dict[tuple[int, int], int] = {}
         self.handlers: dict[type[Any], Callable[[UserInfo, Any], Result]] = {
             CreateTopic: self.create_topic,
             DeleteTopic: self.delete_topic,
@@ -608,24 +653,49 @@ class _Applier:
             return self.create_user(command.key_hash, command.admin)
         if isinstance(command, EnsureAdmin):
             return self.ensure_admin(command)
-        user = _authenticated(self.store, command.key_hash)
-        return self.handlers[type(command)](user, command)
+        return self.handlers[type(command)](self.authenticated(command.key_hash), command)
+
+    def authenticated(self, key_hash: str) -> UserInfo:
+        """Raises Unauthenticated for an unknown or revoked key."""
+        try:
+            user = self.users[key_hash]
+        except KeyError:
+            user = self.users[key_hash] = _lookup_user(self.store, key_hash)
+        return _check_authenticated(user)
 
     def housekeep(self) -> None:
         self.purge_dedup()
         self.purge_deleted()
 
     def purge_dedup(self) -> None:
-        rows = self.store.scan(_P_DEDUP_EXPIRY, limit=limits.DEDUP_PURGE_PER_COMMAND)
-        for key, _ in rows:
-            if _read_u64(key, 1) > self.clock:
+        """Remove dedup records expired at this clock, oldest first, at most
+        DEDUP_PURGE_PER_COMMAND. The first page is one row: usually the oldest is not due."""
+        if self.dedup_expired_none:
+            return
+        budget = limits.DEDUP_PURGE_PER_COMMAND
+        page_rows = 1
+        while budget > 0:
+            asked = min(page_rows, budget)
+            rows = self.store.scan(_P_DEDUP_EXPIRY, limit=asked)
+            for key, _ in rows:
+                if _read_u64(key, 1) > self.clock:
+                    # The clock stands still within an entry and new records expire later.
+                    self.dedup_expired_none = True
+                    return
+                self.store.delete(key)
+                self.store.delete(_P_DEDUP + key[9:])
+            if len(rows) < asked:
+                self.dedup_expired_none = True
                 return
-            self.store.delete(key)
-            self.store.delete(_P_DEDUP + key[9:])
+            budget -= len(rows)
+            page_rows = _SCAN_PAGE
 
     def purge_deleted(self) -> None:
+        if self.deleted_none:
+            return
         pending = self.store.scan(_P_DELETED, limit=1)
         if not pending:
+            self.deleted_none = True  # until a delete in this entry adds a marker
             return
         marker = pending[0][0]
         incarnation = marker[1:]
@@ -646,33 +716,67 @@ class _Applier:
         self.store.put(key, _u64(value))
         return value
 
+    def check_name(self, kind: Kind, name: str) -> None:
+        """`check_name`, once per name and entry."""
+        if (kind, name) not in self.names_checked:
+            check_name(kind, name)
+            self.names_checked.add((kind, name))
+
+    def load_meta(self, cls: type[_Meta], key: bytes) -> _Meta | None:
+        """A private copy of the metadata under `key` as this entry has left it so far."""
+        try:
+            meta = self.metas[key]
+        except KeyError:
+            value = self.store.get(key)
+            meta = self.metas[key] = None if value is None else _decode_meta(cls, value)
+        if meta is None:
+            return None
+        assert isinstance(meta, cls), "t: and q: keys hold their own kinds"
+        return meta.copy()
+
+    def put_meta(self, key: bytes, meta: _TopicMeta | _QueueMeta) -> None:
+        self.metas[key] = meta.copy()  # later changes to the caller's object are not stored
+        self.metas_changed[key] = None
+
+    def delete_meta(self, key: bytes) -> None:
+        self.metas[key] = None
+        self.metas_changed[key] = None
+
+    def write_metas(self) -> None:
+        """Store every metadata record the entry changed: once each, after its last command."""
+        for key in self.metas_changed:
+            meta = self.metas[key]
+            if meta is None:
+                self.store.delete(key)
+            else:
+                self.store.put(key, _encode_json(meta))
+        self.metas_changed.clear()
+
     def topic_meta(self, name: str) -> _TopicMeta | None:
-        value = self.store.get(_P_TOPIC_META + name.encode())
-        return None if value is None else _decode_meta(_TopicMeta, value)
+        return self.load_meta(_TopicMeta, _P_TOPIC_META + name.encode())
 
     def queue_meta(self, name: str) -> _QueueMeta | None:
-        value = self.store.get(_P_QUEUE_META + name.encode())
-        return None if value is None else _decode_meta(_QueueMeta, value)
+        return self.load_meta(_QueueMeta, _P_QUEUE_META + name.encode())
 
     def existing_topic(self, name: str) -> _TopicMeta:
-        check_name(Kind.TOPIC, name)
+        self.check_name(Kind.TOPIC, name)
         meta = self.topic_meta(name)
         if meta is None:
             raise NotFound(f'topic "{name}" does not exist')
         return meta
 
     def existing_queue(self, name: str) -> _QueueMeta:
-        check_name(Kind.QUEUE, name)
+        self.check_name(Kind.QUEUE, name)
         meta = self.queue_meta(name)
         if meta is None:
             raise NotFound(f'queue "{name}" does not exist')
         return meta
 
     def put_topic_meta(self, name: str, meta: _TopicMeta) -> None:
-        self.store.put(_P_TOPIC_META + name.encode(), _encode_json(meta))
+        self.put_meta(_P_TOPIC_META + name.encode(), meta)
 
     def put_queue_meta(self, name: str, meta: _QueueMeta) -> None:
-        self.store.put(_P_QUEUE_META + name.encode(), _encode_json(meta))
+        self.put_meta(_P_QUEUE_META + name.encode(), meta)
 
     # -- users --------------------------------------------------------------------------------
 
@@ -695,6 +799,7 @@ class _Applier:
         user_id = f"u{count + 1}"
         self.store.put(_K_USERS, _u64(count + 1))
         self.store.put(_user_key(key_hash), _encode_json({"admin": admin, "id": user_id}))
+        self.users.pop(key_hash, None)
         self.store.put(_P_USER_INDEX + user_id.encode(), key_hash.encode("utf-8", "surrogatepass"))
         return UserCreated(user_id)
 
@@ -725,6 +830,7 @@ class _Applier:
         if revoked:
             record["revoked"] = True
         self.store.put(_user_key(key_hash), _encode_json(record))
+        self.users.pop(key_hash, None)
 
     def user_exists(self, user_id: str) -> bool:
         """User ids are "u1".."uN" in creation order and users are never deleted."""
@@ -920,19 +1026,21 @@ class _Applier:
     def delete_topic(self, user: UserInfo, command: DeleteTopic) -> Result:
         meta = self.existing_topic(command.name)
         self.check_owner(user, Kind.TOPIC, command.name, meta.owner)
-        self.store.delete(_P_TOPIC_META + command.name.encode())
+        self.delete_meta(_P_TOPIC_META + command.name.encode())
         self.count_owned(Kind.TOPIC, meta.owner, -1)
         self.bump(_K_TOPICS, -1)
         self.store.put(_P_DELETED + _u64(meta.incarnation), Kind.TOPIC.value.encode())
+        self.deleted_none = False
         return Deleted(Kind.TOPIC, command.name)
 
     def delete_queue(self, user: UserInfo, command: DeleteQueue) -> Result:
         meta = self.existing_queue(command.name)
         self.check_owner(user, Kind.QUEUE, command.name, meta.owner)
-        self.store.delete(_P_QUEUE_META + command.name.encode())
+        self.delete_meta(_P_QUEUE_META + command.name.encode())
         self.count_owned(Kind.QUEUE, meta.owner, -1)
         self.bump(_K_QUEUES, -1)
         self.store.put(_P_DELETED + _u64(meta.incarnation), Kind.QUEUE.value.encode())
+        self.deleted_none = False
         return Deleted(Kind.QUEUE, command.name)
 
     # -- subscriptions ------------------------------------------------------------------------
@@ -1012,21 +1120,18 @@ class _Applier:
             "publish_batch_messages_max",
             "messages",
         )
-        for body, sequence, delay_ms in zip(
-            command.bodies, command.sequences, command.delays_ms, strict=True
+        if count and not (
+            max(map(len, command.bodies)) <= limits.MESSAGE_BYTES_MAX
+            and min(command.sequences) >= 0
+            and max(command.sequences) <= INT_MAX
+            and min(command.delays_ms) >= 0
+            and max(command.delays_ms) <= limits.DELAY_MS_MAX
+            and (command.kind is Kind.QUEUE or not any(command.delays_ms))
         ):
-            _check_int(
-                "message", len(body), 0, limits.MESSAGE_BYTES_MAX, "message_bytes_max", "bytes"
-            )
-            _check_sequence("sequence", sequence)
-            _check_int("delay_ms", delay_ms, 0, limits.DELAY_MS_MAX, "delay_ms_max")
-            if delay_ms and command.kind is Kind.TOPIC:
-                raise InvalidArgument(
-                    "delay_ms applies to queues only; topic messages are visible at once"
-                )
+            self.check_batch_items(command)
         _check_int(
             "batch",
-            sum(len(body) for body in command.bodies),
+            sum(map(len, command.bodies)),
             0,
             limits.PUBLISH_BATCH_BYTES_MAX,
             "publish_batch_bytes_max",
@@ -1045,22 +1150,40 @@ class _Applier:
             "bytes",
         )
 
+    @staticmethod
+    def check_batch_items(command: PublishBatch) -> None:
+        """Raise for the first item that breaks a rule, in item order: the slow path of
+        `check_batch`, taken only when its whole-batch bounds found something wrong."""
+        for body, sequence, delay_ms in zip(
+            command.bodies, command.sequences, command.delays_ms, strict=True
+        ):
+            _check_int(
+                "message", len(body), 0, limits.MESSAGE_BYTES_MAX, "message_bytes_max", "bytes"
+            )
+            _check_sequence("sequence", sequence)
+            _check_int("delay_ms", delay_ms, 0, limits.DELAY_MS_MAX, "delay_ms_max")
+            if delay_ms and command.kind is Kind.TOPIC:
+                raise InvalidArgument(
+                    "delay_ms applies to queues only; topic messages are visible at once"
+                )
+
     def find_duplicate(
-        self, incarnation: int, producer_id: str, producer_sequence: int
-    ) -> tuple[bytes, int | None]:
-        """The dedup key and, when this publish was already applied within the window, the
-        sequence or offset it was given."""
-        if not producer_id:
-            return b"", None
-        key = _dedup_key(incarnation, producer_id, producer_sequence)
+        self, dedup_prefix: bytes, producer_sequence: int
+    ) -> tuple[bytes, int | None, bytes | None]:
+        """The dedup key (b"" without a producer id, i.e. `dedup_prefix` b""), the sequence or
+        offset given to this publish when it was already applied within the window, and the
+        stored dedup record (None when there is none)."""
+        if not dedup_prefix:
+            return b"", None, None
+        key = dedup_prefix + _u64(producer_sequence)
         value = self.store.get(key)
         if value is None:
-            return key, None
+            return key, None, None
         sequence, expires_at_ms = _DEDUP.unpack(value)
         if expires_at_ms <= self.clock:
-            return key, None  # expired but not purged yet: publish anew
+            return key, None, value  # expired but not purged yet: publish anew
         assigned: int = sequence
-        return key, assigned
+        return key, assigned, value
 
     def plan_batch(
         self, incarnation: int, command: PublishBatch, next_position: int
@@ -1071,48 +1194,57 @@ class _Applier:
         receipts: list[Receipt] = []
         new_messages: list[_NewMessage] = []
         planned: dict[bytes, int] = {}
+        # D<inc><len u8><producer_id>, shared by every item (see `_dedup_key`).
+        dedup_prefix = b""
+        if command.producer_id:
+            dedup_prefix = _dedup_key(incarnation, command.producer_id, 0)[:-8]
+        kind, name = command.kind, command.name
         for body, sequence, delay_ms in zip(
             command.bodies, command.sequences, command.delays_ms, strict=True
         ):
-            dedup_key, original = self.find_duplicate(incarnation, command.producer_id, sequence)
+            dedup_key, original, dedup_value = self.find_duplicate(dedup_prefix, sequence)
             if original is None and dedup_key:
                 original = planned.get(dedup_key)
             if original is not None:
-                receipts.append(Receipt(command.kind, command.name, original, duplicate=True))
+                receipts.append(Receipt(kind, name, original, duplicate=True))
                 continue
             position = next_position + len(new_messages)
             if dedup_key:
                 planned[dedup_key] = position
-            new_messages.append(_NewMessage(body, delay_ms, dedup_key, position))
-            receipts.append(Receipt(command.kind, command.name, position, duplicate=False))
+            new_messages.append(_NewMessage(body, delay_ms, dedup_key, position, dedup_value))
+            receipts.append(Receipt(kind, name, position, duplicate=False))
         return receipts, new_messages
 
-    def remember_publish(self, dedup_key: bytes, sequence: int) -> None:
+    def remember_publish(self, message: _NewMessage, sequence: int) -> None:
+        """Write the dedup record of a new message. `message.dedup_value` is what
+        `plan_batch` read under its key; nothing between planning and this call writes it."""
+        dedup_key = message.dedup_key
         if not dedup_key:
             return
-        old = self.store.get(dedup_key)
+        old = message.dedup_value
         if old is not None:
             self.store.delete(_P_DEDUP_EXPIRY + _u64(_DEDUP.unpack(old)[1]) + dedup_key[1:])
         expires_at_ms = self.clock + limits.DEDUP_WINDOW_MS
         self.store.put(dedup_key, _DEDUP.pack(sequence, expires_at_ms))
         self.store.put(_P_DEDUP_EXPIRY + _u64(expires_at_ms) + dedup_key[1:], b"")
+        if expires_at_ms <= self.clock:
+            self.dedup_expired_none = False  # a zero dedup window: due at once
 
     def publish_topic(self, user: UserInfo, command: PublishBatch) -> Receipts:
         topic = self.existing_topic(command.name)
         _authorize(user, "publish", Kind.TOPIC, command.name, topic)
         receipts, new_messages = self.plan_batch(topic.incarnation, command, topic.next_offset)
         producer = command.producer_id.encode()
-        header = _TOPIC_MESSAGE.pack(self.clock, len(producer))
+        header = _TOPIC_MESSAGE.pack(self.clock, len(producer)) + producer
+        key_prefix = _P_TOPIC_MESSAGE + _u64(topic.incarnation)
         for message in new_messages:
             offset = topic.next_offset
             assert offset == message.position, "planned offsets are assigned in order"
-            self.store.put(
-                _topic_message_key(topic.incarnation, offset), header + producer + message.body
-            )
+            self.store.put(key_prefix + _u64(offset), header + message.body)
             topic.next_offset += 1
             topic.stored_bytes += len(message.body)
             self.purge_topic(topic)
-            self.remember_publish(message.dedup_key, offset)
+            self.remember_publish(message, offset)
         if new_messages:
             self.put_topic_meta(command.name, topic)
         return Receipts(tuple(receipts))
@@ -1133,7 +1265,7 @@ class _Applier:
                     break
             sequence = self.enqueue(queue, command.producer_id, message.body, message.delay_ms)
             assert sequence == message.position, "planned sequences are assigned in order"
-            self.remember_publish(message.dedup_key, sequence)
+            self.remember_publish(message, sequence)
         if new_messages:
             self.put_queue_meta(command.name, queue)
         return Receipts(tuple(receipts))
@@ -1143,16 +1275,23 @@ class _Applier:
     def enqueue(self, queue: _QueueMeta, producer_id: str, body: bytes, delay_ms: int) -> int:
         sequence = queue.next_sequence
         visible_at_ms = self.clock + delay_ms
-        message = _QueueMessage(self.clock, visible_at_ms, 0, False, producer_id, body)
-        self.store.put(_queue_message_key(queue.incarnation, sequence), message.encode())
-        self.store.put(_visibility_key(queue.incarnation, visible_at_ms, sequence), b"")
+        producer = producer_id.encode()
+        # The encoding of _QueueMessage(clock, visible_at_ms, 0, False, producer_id, body).
+        header = _QUEUE_MESSAGE.pack(self.clock, visible_at_ms, 0, False, len(producer))
+        incarnation = _u64(queue.incarnation)
+        sequence_bytes = _u64(sequence)
+        self.store.put(_P_QUEUE_MESSAGE + incarnation + sequence_bytes, header + producer + body)
+        self.store.put(_P_VISIBILITY + incarnation + _u64(visible_at_ms) + sequence_bytes, b"")
         queue.next_sequence += 1
         queue.depth += 1
         return sequence
 
     def remove_message(self, queue: _QueueMeta, sequence: int, message: _QueueMessage) -> None:
-        self.store.delete(_queue_message_key(queue.incarnation, sequence))
-        self.store.delete(_visibility_key(queue.incarnation, message.visible_at_ms, sequence))
+        incarnation, sequence_bytes = _u64(queue.incarnation), _u64(sequence)
+        self.store.delete(_P_QUEUE_MESSAGE + incarnation + sequence_bytes)
+        self.store.delete(
+            _P_VISIBILITY + incarnation + _u64(message.visible_at_ms) + sequence_bytes
+        )
         queue.depth -= 1
 
     def drop_head(self, queue: _QueueMeta) -> bool:
@@ -1184,11 +1323,13 @@ class _Applier:
     def move_visibility(
         self, queue: _QueueMeta, sequence: int, message: _QueueMessage, visible_at_ms: int
     ) -> None:
-        self.store.delete(_visibility_key(queue.incarnation, message.visible_at_ms, sequence))
+        incarnation, sequence_bytes = _u64(queue.incarnation), _u64(sequence)
+        visibility_prefix = _P_VISIBILITY + incarnation
+        self.store.delete(visibility_prefix + _u64(message.visible_at_ms) + sequence_bytes)
         message.visible_at_ms = visible_at_ms
         mark = _LEASED if message.leased else b""
-        self.store.put(_visibility_key(queue.incarnation, visible_at_ms, sequence), mark)
-        self.store.put(_queue_message_key(queue.incarnation, sequence), message.encode())
+        self.store.put(visibility_prefix + _u64(visible_at_ms) + sequence_bytes, mark)
+        self.store.put(_P_QUEUE_MESSAGE + incarnation + sequence_bytes, message.encode())
 
     # -- consume ------------------------------------------------------------------------------
 
@@ -1356,22 +1497,41 @@ class _Applier:
             cursor.rewind()
 
     def purge_topic(self, topic: _TopicMeta) -> bool:
-        """Drop messages past retention (age or bytes) from the head, bounded per command.
-        Mutates `topic`; the caller stores it. True if anything was dropped."""
+        """Drop messages past retention (age or bytes) from the head, at most
+        RETENTION_PURGE_PER_COMMAND per call. Mutates `topic`; the caller stores it. True if
+        anything was dropped.
+
+        A publish calls this once per message, so the head's age is remembered for the entry
+        (a stored message never changes, and the clock stands still): while the topic is within
+        its bytes, a head known to be young answers without reading the store."""
         if topic.first_offset >= topic.next_offset:
             return False
+        if topic.stored_bytes <= topic.retention_bytes:
+            head_time_ms = self.topic_heads.get((topic.incarnation, topic.first_offset))
+            if head_time_ms is not None and head_time_ms + topic.retention_ms > self.clock:
+                return False
+        budget = limits.RETENTION_PURGE_PER_COMMAND
+        page_rows = 1  # usually the head stays: read one message, not a page of bodies
         start = _topic_message_key(topic.incarnation, topic.first_offset)
-        rows = self.store.scan(start[:9], start, limit=limits.RETENTION_PURGE_PER_COMMAND)
         dropped = False
-        for key, value in rows:
-            publish_time_ms, producer_len = _TOPIC_MESSAGE.unpack_from(value)
-            too_old = publish_time_ms + topic.retention_ms <= self.clock
-            if not (too_old or topic.stored_bytes > topic.retention_bytes):
-                break
-            self.store.delete(key)
-            topic.stored_bytes -= len(value) - _TOPIC_MESSAGE.size - producer_len
-            topic.first_offset = _read_u64(key, 9) + 1
-            dropped = True
+        while budget > 0:
+            asked = min(page_rows, budget)
+            rows = self.store.scan(start[:9], start, limit=asked)
+            for key, value in rows:
+                publish_time_ms, producer_len = _TOPIC_MESSAGE.unpack_from(value)
+                too_old = publish_time_ms + topic.retention_ms <= self.clock
+                if not (too_old or topic.stored_bytes > topic.retention_bytes):
+                    self.topic_heads[(topic.incarnation, _read_u64(key, 9))] = publish_time_ms
+                    return dropped
+                self.store.delete(key)
+                topic.stored_bytes -= len(value) - _TOPIC_MESSAGE.size - producer_len
+                topic.first_offset = _read_u64(key, 9) + 1
+                dropped = True
+            if len(rows) < asked:
+                return dropped
+            budget -= len(rows)
+            start = rows[-1][0] + b"\x00"
+            page_rows = _TOPIC_PAGE
         return dropped
 
     # -- ack, nack, extend --------------------------------------------------------------------
@@ -1480,6 +1640,12 @@ class _Applier:
     def check_lease(
         self, queue_name: str, sequence: int, delivery_count: int, message: _QueueMessage
     ) -> None:
+        if (
+            1 <= delivery_count == message.delivery_count
+            and message.leased
+            and message.visible_at_ms > self.clock
+        ):
+            return  # still leased to this delivery (checked first: the message is not built)
         what = f'delivery {delivery_count} of message {sequence} on queue "{queue_name}"'
         if delivery_count > message.delivery_count or delivery_count < 1:
             raise FailedPrecondition(
@@ -1495,11 +1661,11 @@ class _Applier:
             raise FailedPrecondition(
                 f"{what} is no longer leased: it was given back (nack) and will be delivered again"
             )
-        if message.visible_at_ms <= self.clock:
-            raise FailedPrecondition(
-                f"{what} is no longer leased: its lease expired at {message.visible_at_ms} and "
-                "it will be delivered again"
-            )
+        assert message.visible_at_ms <= self.clock, "every other case returned above"
+        raise FailedPrecondition(
+            f"{what} is no longer leased: its lease expired at {message.visible_at_ms} and "
+            "it will be delivered again"
+        )
 
     def leased_window(self, user: UserInfo, topic_name: str, offset: int) -> tuple[bytes, _Cursor]:
         """The subscription key and its cursor; raises FailedPrecondition for an

@@ -54,21 +54,28 @@ class SnapshotCorrupt(StorageError):
 
 
 class LmdbStore:
-    """The state machine's `Store` protocol over one LMDB transaction."""
+    """The state machine's `Store` protocol over one LMDB transaction.
+
+    Every operation goes through one cursor on the state database, repositioned by each call:
+    py-lmdb's cursor methods cost about half of the transaction's `get`/`put`/`delete` with a
+    `db=` argument, and `apply_entry` makes several of them per message. Not thread-safe, like
+    the transaction it wraps."""
 
     def __init__(self, txn: Any, db: Any) -> None:
         self._txn = txn
         self._db = db
+        self._cursor = txn.cursor(db=db)
 
     def get(self, key: bytes) -> bytes | None:
-        value = self._txn.get(key, db=self._db)
+        value = self._cursor.get(key)
         return None if value is None else bytes(value)
 
     def put(self, key: bytes, value: bytes) -> None:
-        self._txn.put(key, value, db=self._db)
+        self._cursor.put(key, value)
 
     def delete(self, key: bytes) -> bool:
-        return bool(self._txn.delete(key, db=self._db))
+        cursor = self._cursor
+        return bool(cursor.set_key(key) and cursor.delete())
 
     def scan(
         self, prefix: bytes, start: bytes = b"", limit: int = 1000
@@ -76,7 +83,7 @@ class LmdbStore:
         found: list[tuple[bytes, bytes]] = []
         if limit <= 0:
             return found
-        cursor = self._txn.cursor(db=self._db)
+        cursor = self._cursor
         if not cursor.set_range(max(prefix, start)):
             return found
         for key, value in cursor:
