@@ -365,6 +365,7 @@ class Replicator:
         fsync: bool = True,
         on_applied: Callable[[Entry, list[Result]], None] | None = None,
         on_fatal: Callable[[str], None] | None = None,
+        on_journal_sync: Callable[[float], None] | None = None,
     ) -> None:
         by_id = {member.node_id: member for member in members}
         if node_id not in by_id:
@@ -394,7 +395,7 @@ class Replicator:
             # snapshot it cannot trust (raises SnapshotCorrupt, a StorageError).
             read_snapshot_header(str(snapshot_path))
         self._raft_log = _DurableRaftLog(
-            Journal(data_dir / "journal", fsync=fsync),
+            Journal(data_dir / "journal", fsync=fsync, on_sync=on_journal_sync),
             data_dir,
             self._on_fatal,
             applied_index=lambda: storage.applied_index,

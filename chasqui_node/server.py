@@ -155,8 +155,8 @@ class NodeServer:
             timings=config.timings,
             fsync=config.fsync,
             on_applied=self.change_board.on_applied,
+            on_journal_sync=self.metrics.observe_journal_sync,
         )
-        _time_journal_syncs(self.replicator, self.metrics)
         self.grpc_server = grpc.server(
             ThreadPoolExecutor(max_workers=GRPC_WORKERS, thread_name_prefix="chasqui-grpc"),
             maximum_concurrent_rpcs=GRPC_CONCURRENT_CALLS_MAX,
@@ -357,19 +357,6 @@ class HealthReporter:
         self._servicer.enter_graceful_shutdown()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=self._interval_s + 1)
-
-
-def _time_journal_syncs(replicator: Replicator, metrics: NodeMetrics) -> None:
-    """Feed the fsync latency histogram from the Raft journal's `on_sync` hook.
-
-    The journal is built inside `Replicator`, which does not take the callback, so it is set
-    on the live journal here (pysyncobj's tick thread reads it at its next sync). Should
-    replication.py ever pass `on_sync` through, this becomes a constructor argument."""
-    journal = getattr(getattr(replicator, "_raft_log", None), "_journal", None)
-    if journal is None or not hasattr(journal, "on_sync"):
-        logger.warning("journal fsync latency is not measured: the journal hook is missing")
-        return
-    journal.on_sync = metrics.observe_journal_sync
 
 
 def _tls_mode(config: NodeConfig) -> str:
