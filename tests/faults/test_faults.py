@@ -189,7 +189,15 @@ def small_disk_cluster(tmp_path: Path) -> Iterator[tuple[Path, Cluster]]:
 
 def test_disk_full_on_one_node_loses_nothing(small_disk_cluster: tuple[Path, Cluster]) -> None:
     ballast, cluster = small_disk_cluster
-    report = run_fault(cluster, fill_disk(ballast), SECONDS, heal=lambda: ballast.unlink(True))
+    report = run_fault(
+        cluster,
+        fill_disk(ballast),
+        SECONDS,
+        heal=lambda: ballast.unlink(True),
+        # pysyncobj cannot store a snapshot sent by the leader while the disk is full; it logs
+        # the OSError, drops the transfer and the leader sends it again later.
+        expected_log_errors=("Failed to write incoming transition data",),
+    )
     assert_valid("disk full on one node", report)
     # The full node stopped rather than acknowledge what it could not write, then rejoined.
     assert "stopping the node" in cluster.logs()["n3"]
