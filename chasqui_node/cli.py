@@ -40,7 +40,7 @@ from chasqui_node import limits
 from chasqui_node.journal import JournalCorrupt
 from chasqui_node.replication import RaftTimings
 from chasqui_node.server import ConfigError, NodeConfig, create_server, parse_cluster
-from chasqui_node.service import hash_key
+from chasqui_node.service import LEADER_METADATA_KEY, hash_key
 from chasqui_node.storage import StorageError
 from chasqui_node.tls import write_dev_tls
 from chasqui_proto import chasqui_pb2 as pb
@@ -149,6 +149,13 @@ def _derived_secret(cluster: str) -> str:
 def admin_key_hash(key_file: Path | None, environment: dict[str, str]) -> str | None:
     """The hash of the configured admin key (file first, then `CHASQUI_ADMIN_KEY`), or None.
     Raises ConfigError for a key too short or not URL-safe; the message never shows the key."""
+    key = admin_key(key_file, environment)
+    return None if key is None else hash_key(key)
+
+
+def admin_key(key_file: Path | None, environment: dict[str, str]) -> str | None:
+    """The configured admin key itself (see `admin_key_hash`); only the membership commands,
+    which must send it, use it unhashed."""
     if key_file is not None:
         try:
             lines = key_file.read_text().splitlines()
@@ -171,7 +178,7 @@ def admin_key_hash(key_file: Path | None, environment: dict[str, str]) -> str | 
             "random bits); make one with: python -c 'import secrets; "
             "print(secrets.token_urlsafe(24))'"
         )
-    return hash_key(key)
+    return key
 
 
 def _client_credentials(
@@ -447,6 +454,7 @@ def dev(
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                    preexec_fn=_stop_with_parent,
                 )
             )
     endpoints = [f"{host}:{client_port + i}" for i in range(nodes)]
@@ -477,6 +485,16 @@ def dev(
         click.echo("\nstopping...")
     finally:
         _stop_processes(processes)
+
+
+def _stop_with_parent() -> None:
+    """Runs in each dev node's child process before exec: ask Linux to SIGTERM it when `dev`
+    dies, however it dies (even SIGKILL), so no node outlives the cluster it belonged to."""
+    if sys.platform == "linux":
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _stop_processes(processes: list[subprocess.Popen[bytes]]) -> None:
@@ -578,6 +596,140 @@ def status(
         click.echo("  ".join(cells).rstrip())
     if not any(not isinstance(a, grpc.RpcError) and a.role == "leader" for _, a in answers):
         raise SystemExit(1)
+
+
+MEMBERS_CALL_ATTEMPTS_MAX = 10  # endpoints tried (following leader hints) per membership change
+MEMBERS_RETRY_PAUSE_S = 0.3  # between attempts when no node names a leader
+
+
+@main.group()
+def members() -> None:
+    """Add or remove one cluster member at a time (on the leader; needs an admin key)."""
+
+
+def _members_options(command: Any) -> Any:
+    for option in reversed(
+        [
+            click.option(
+                "--endpoints",
+                required=True,
+                envvar="CHASQUI_ENDPOINTS",
+                help="Client addresses of current members, comma separated.",
+            ),
+            click.option(
+                "--admin-key-file",
+                type=click.Path(dir_okay=False, exists=True, path_type=Path),
+                default=None,
+                help=f"File holding an admin key (default: ${ADMIN_KEY_ENV}).",
+            ),
+            click.option("--timeout-s", default=15.0, show_default=True),
+            click.option(
+                "--tls-ca",
+                type=click.Path(dir_okay=False, exists=True, path_type=Path),
+                default=None,
+                envvar="CHASQUI_TLS_CA",
+                help="Connect over TLS, trusting this PEM CA bundle.",
+            ),
+            click.option(
+                "--tls-cert",
+                type=click.Path(dir_okay=False, exists=True, path_type=Path),
+                default=None,
+                envvar="CHASQUI_TLS_CLIENT_CERT",
+                help="Client certificate for nodes that require mutual TLS (with --tls-key).",
+            ),
+            click.option(
+                "--tls-key",
+                type=click.Path(dir_okay=False, exists=True, path_type=Path),
+                default=None,
+                envvar="CHASQUI_TLS_CLIENT_KEY",
+                help="Private key of --tls-cert.",
+            ),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+def _call_leader(method: str, request: Any, endpoints: str, options: dict[str, Any]) -> Any:
+    """Send an admin call to the leader, following `chasqui-leader` hints. Exits 1 with the
+    node's message on any refusal; never prints the key."""
+    key = admin_key(options["admin_key_file"], dict(os.environ))
+    if key is None:
+        raise click.UsageError(f"give --admin-key-file or set {ADMIN_KEY_ENV}")
+    credentials = _client_credentials(options["tls_ca"], options["tls_cert"], options["tls_key"])
+    listed = [e.strip() for e in endpoints.split(",") if e.strip()]
+    if not listed:
+        raise click.UsageError("--endpoints lists no address")
+    deadline = time.monotonic() + options["timeout_s"]
+    endpoint = listed[0]
+    last_error: grpc.RpcError | None = None
+    for attempt in range(1, MEMBERS_CALL_ATTEMPTS_MAX + 1):
+        remaining_s = deadline - time.monotonic()
+        if remaining_s <= 0:
+            break
+        channel = (
+            grpc.insecure_channel(endpoint)
+            if credentials is None
+            else grpc.secure_channel(endpoint, credentials)
+        )
+        with channel:
+            try:
+                return getattr(pb_grpc.BrokerStub(channel), method)(
+                    request, metadata=(("authorization", f"Bearer {key}"),), timeout=remaining_s
+                )
+            except grpc.RpcError as error:
+                last_error = error
+                if error.code() != grpc.StatusCode.UNAVAILABLE:
+                    break
+                hint = dict(error.trailing_metadata() or ()).get(LEADER_METADATA_KEY)
+                if hint:
+                    endpoint = str(hint)
+                else:
+                    endpoint = listed[attempt % len(listed)]
+                    time.sleep(MEMBERS_RETRY_PAUSE_S)
+    if last_error is None:
+        click.echo(f"error: no answer within {options['timeout_s']} s", err=True)
+    else:
+        click.echo(f"error: {last_error.code().name}: {last_error.details()}", err=True)
+    raise SystemExit(1)
+
+
+def _echo_members(response: Any) -> None:
+    click.echo("members:")
+    for member in response.members:
+        click.echo(f"  {member.node_id}={member.client_address}/{member.raft_address}")
+
+
+@members.command("add")
+@_members_options
+@click.argument("member")
+def members_add(member: str, endpoints: str, **options: Any) -> None:
+    """Add MEMBER, given as ID=CLIENT_HOST:PORT/RAFT_HOST:PORT. Then start that node with
+    --cluster listing every member, itself included."""
+    try:
+        (parsed,) = parse_cluster(member)
+    except (ConfigError, ValueError) as error:
+        raise click.BadParameter(f"{member!r}: expected ID=CLIENT/RAFT ({error})") from error
+    request = pb.AddMemberRequest(
+        node_id=parsed.node_id,
+        client_address=parsed.client_address,
+        raft_address=parsed.raft_address,
+    )
+    response = _call_leader("AddMember", request, endpoints, options)
+    click.echo(f"added {parsed.node_id}")
+    _echo_members(response)
+
+
+@members.command("remove")
+@_members_options
+@click.argument("node_id")
+def members_remove(node_id: str, endpoints: str, **options: Any) -> None:
+    """Remove member NODE_ID (not the current leader: stop it first, then remove it)."""
+    response = _call_leader(
+        "RemoveMember", pb.RemoveMemberRequest(node_id=node_id), endpoints, options
+    )
+    click.echo(f"removed {node_id}")
+    _echo_members(response)
 
 
 if __name__ == "__main__":

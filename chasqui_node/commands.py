@@ -224,6 +224,27 @@ class SetAccess:
     consumers: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class AddMember:
+    """An admin records a new cluster member in the replicated registry, so every node can map
+    its Raft address to the client address it gives in leader hints. The Raft configuration
+    change itself is pysyncobj's, made by the leader once this commits."""
+
+    key_hash: str
+    node_id: str
+    client_address: str
+    raft_address: str
+
+
+@dataclass(frozen=True)
+class RemoveMember:
+    """An admin records that a member left the cluster (a tombstone that also hides a member
+    listed in the nodes' static `--cluster` configuration)."""
+
+    key_hash: str
+    node_id: str
+
+
 Command = (
     CreateUser
     | CreateTopic
@@ -242,6 +263,8 @@ Command = (
     | CreateUserAsAdmin
     | RevokeUser
     | SetAccess
+    | AddMember
+    | RemoveMember
 )
 
 
@@ -388,6 +411,16 @@ class UserSummary:
     queues_owned: int
 
 
+@dataclass(frozen=True)
+class MemberRecord:
+    """One registry entry: a member added with AddMember, or a RemoveMember tombstone."""
+
+    node_id: str
+    client_address: str
+    raft_address: str
+    removed: bool
+
+
 Result = (
     UserCreated
     | Created
@@ -423,6 +456,8 @@ _COMMAND_TYPES: tuple[type[Any], ...] = (
     CreateUserAsAdmin,
     RevokeUser,
     SetAccess,
+    AddMember,
+    RemoveMember,
 )
 # Tags are part of the log format: append new types at the end, never reorder.
 _TAG_OF: dict[type[Any], int] = {cls: tag for tag, cls in enumerate(_COMMAND_TYPES)}

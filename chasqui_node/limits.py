@@ -81,3 +81,7 @@ assert (
     <= CONSUME_BYTES_MAX
 )
 assert CONSUME_BYTES_MAX + 16 * 1024 <= GRPC_MESSAGE_BYTES_MAX  # room for the reply's framing
+NODE_ID_BYTES_MAX = 64  # a cluster member's id, e.g. "n4" or a host name
+ADDRESS_BYTES_MAX = 260  # host:port of a member; a DNS name is at most 253 bytes
+MEMBER_RECORDS_MAX = 1000  # registry records (members and tombstones); a cluster has a handful
+MEMBERSHIP_CHANGE_TIMEOUT_S = 10.0  # wait for pysyncobj to commit one configuration change

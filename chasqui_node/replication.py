@@ -13,6 +13,12 @@ pysyncobj traps handled here (ARCHITECTURE section 3):
 - the tick thread also runs our snapshot serializer, so snapshots never race with applies;
 - Raft is bound to the listed address and always encrypted with a cluster secret;
 - a leader without a majority steps down after `leaderFallbackTimeout`, tuned to 1.5 s.
+
+Membership: the members a node knows are its static `--cluster` list overlaid with the
+replicated member registry (AddMember / RemoveMember commands), re-read whenever such a command
+or a snapshot is applied, so every node maps a new leader's Raft address to its client address.
+The Raft configuration itself is pysyncobj's dynamic membership, changed by the leader with
+`add_member` / `remove_member` one node at a time.
 """
 
 from __future__ import annotations
@@ -38,9 +44,25 @@ from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 from pysyncobj.journal import Journal as PysyncobjJournal
 
 from chasqui_node import limits
-from chasqui_node.commands import Command, Entry, MalformedEntry, Result, decode_entry, encode_entry
+from chasqui_node.commands import (
+    AddMember,
+    Command,
+    Entry,
+    MalformedEntry,
+    RemoveMember,
+    Result,
+    decode_entry,
+    encode_entry,
+)
 from chasqui_node.commands import encoded_size as command_encoded_size
-from chasqui_node.errors import ChasquiError, NoLeader, NotLeader, OutcomeUnknown, Unavailable
+from chasqui_node.errors import (
+    ChasquiError,
+    FailedPrecondition,
+    NoLeader,
+    NotLeader,
+    OutcomeUnknown,
+    Unavailable,
+)
 from chasqui_node.journal import Entry as JournalEntry
 from chasqui_node.journal import Journal, JournalCorrupt, fsync_directory
 from chasqui_node.state_machine import StateMachine, Store
@@ -373,11 +395,14 @@ class Replicator:
         if not cluster_secret:
             raise ValueError("a cluster secret is required: the Raft port must never be open")
         self.node_id = node_id
-        self.members = tuple(members)
+        self._static_members = tuple(members)
         self._self = by_id[node_id]
-        self._by_raft_address = {member.raft_address: member for member in members}
         self._storage = storage
         self._state_machine = state_machine
+        # Replaced whole (never mutated) on the tick thread; other threads read a reference.
+        self.members: tuple[Member, ...] = self._static_members
+        self._by_raft_address = {member.raft_address: member for member in members}
+        self._refresh_members()
         self._on_applied = on_applied
         self._on_fatal = on_fatal or _exit_process
         self._pending: queue.SimpleQueue[_Proposal | None] = queue.SimpleQueue()
@@ -587,6 +612,10 @@ class Replicator:
                 failure = InternalError(f"internal error (see node log, ref {reference})")
                 self._storage.apply(raft_index, lambda store: None)
                 results = [failure for _ in entry.commands]
+            if results is not None and any(
+                isinstance(command, AddMember | RemoveMember) for command in entry.commands
+            ):
+                self._refresh_members()
             if results is not None and self._on_applied is not None:
                 self._on_applied(entry, results)
             return results
@@ -607,10 +636,12 @@ class Replicator:
         # Called by pysyncobj on the tick thread at start-up and when a leader installs a
         # snapshot on this follower. A corrupt snapshot must never be served or voted on.
         try:
-            return pickle.loads(self._storage.install_snapshot(path))
+            raft_data = pickle.loads(self._storage.install_snapshot(path))
         except SnapshotCorrupt as error:
             self._on_fatal(str(error))
             raise
+        self._refresh_members()
+        return raft_data
 
     def _on_state_changed(self, old: int, new: int) -> None:
         names = {0: "follower", 1: "candidate", 2: "leader"}
@@ -625,6 +656,79 @@ class Replicator:
     def read(self, query: Callable[[Store], T]) -> T:
         """Run `query` on this node's applied state (local; see `propose_many` for a barrier)."""
         return self._storage.read(query)
+
+    # -- membership --------------------------------------------------------------------------
+
+    def _refresh_members(self) -> None:
+        """Overlay the applied member registry on the static members (tick thread, or the
+        constructor). A tombstone hides a static member; this node always knows itself."""
+        by_id = {member.node_id: member for member in self._static_members}
+        for record in self._storage.read(self._state_machine.members):
+            if record.removed:
+                if record.node_id != self.node_id:
+                    by_id.pop(record.node_id, None)
+            else:
+                by_id[record.node_id] = Member(
+                    record.node_id, record.client_address, record.raft_address
+                )
+        members = tuple(by_id.values())
+        self._by_raft_address = {member.raft_address: member for member in members}
+        self.members = members
+
+    def member(self, node_id: str) -> Member | None:
+        return next((m for m in self.members if m.node_id == node_id), None)
+
+    def add_member(self, member: Member, timeout_s: float) -> None:
+        """Leader only: add `member` to the Raft configuration and wait for the change to
+        commit. Already a member: returns at once, so a retry after a timeout is safe."""
+        self._change_membership(member.raft_address, adding=True, timeout_s=timeout_s)
+
+    def remove_member(self, member: Member, timeout_s: float) -> None:
+        """Leader only: remove `member` from the Raft configuration and wait for the commit.
+        Not a member: returns at once. The leader cannot remove itself (FailedPrecondition)."""
+        if member.raft_address == self._self.raft_address:
+            raise FailedPrecondition(
+                f"node {self.node_id} is the leader and cannot remove itself; stop it, wait for "
+                "a new leader, then remove it there"
+            )
+        self._change_membership(member.raft_address, adding=False, timeout_s=timeout_s)
+
+    def _change_membership(self, raft_address: str, adding: bool, timeout_s: float) -> None:
+        """Raises NotLeader/NoLeader; FailedPrecondition when pysyncobj refuses because an
+        earlier change (or this leader's first no-op) is not committed yet; OutcomeUnknown
+        when no commit was seen in time (the change may still commit: retry)."""
+        self.check_leader()
+        present = f"partner_node_status_server_{raft_address}" in self._status_dict()
+        if present == adding:
+            return
+        future: Future[None] = Future()
+
+        def on_committed(_result: Any, error: int) -> None:
+            # Runs on the tick thread. Must never raise (pysyncobj would apply again).
+            try:
+                if error == FAIL_REASON.SUCCESS:
+                    future.set_result(None)
+                elif error == FAIL_REASON.REQUEST_DENIED:
+                    future.set_exception(
+                        FailedPrecondition(
+                            "another membership change is in progress (or the leader has not "
+                            "committed its first entry yet); retry"
+                        )
+                    )
+                else:
+                    future.set_exception(self._failure(error))
+            except Exception:
+                logger.exception("membership callback failed")
+
+        change = self._raft.addNodeToCluster if adding else self._raft.removeNodeFromCluster
+        change(raft_address, callback=on_committed)
+        try:
+            future.result(timeout=timeout_s)
+        except FutureTimeout:
+            raise OutcomeUnknown(
+                f"the membership change was not seen committed within {timeout_s:.1f} s; retry"
+            ) from None
+        logger.info("node %s: %s %s", self.node_id, "added" if adding else "removed", raft_address)
 
     # -- status ------------------------------------------------------------------------------
 

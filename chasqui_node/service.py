@@ -34,6 +34,7 @@ import grpc
 from chasqui_node import limits
 from chasqui_node.commands import (
     Ack,
+    AddMember,
     Command,
     Consume,
     Created,
@@ -53,6 +54,7 @@ from chasqui_node.commands import (
     PublishBatch,
     Receipt,
     Receipts,
+    RemoveMember,
     Result,
     RevokeUser,
     SetAccess,
@@ -81,7 +83,7 @@ from chasqui_node.errors import (
     Unavailable,
 )
 from chasqui_node.metrics import NodeMetrics
-from chasqui_node.replication import ReplicationStatus
+from chasqui_node.replication import Member, ReplicationStatus
 from chasqui_node.state_machine import StateMachine, Store
 from chasqui_proto import chasqui_pb2 as pb
 from chasqui_proto import chasqui_pb2_grpc as pb_grpc
@@ -127,6 +129,7 @@ class Replication(Protocol):
     """What the service needs from replication; `Replicator` and the tests' fake provide it."""
 
     node_id: str
+    members: tuple[Member, ...]  # every member this node knows, itself included
 
     def propose_many(self, commands: Sequence[Command], timeout_s: float) -> list[Result]: ...
 
@@ -135,6 +138,12 @@ class Replication(Protocol):
     def status(self) -> ReplicationStatus: ...
 
     def read(self, query: Callable[[Store], T]) -> T: ...
+
+    def member(self, node_id: str) -> Member | None: ...
+
+    def add_member(self, member: Member, timeout_s: float) -> None: ...
+
+    def remove_member(self, member: Member, timeout_s: float) -> None: ...
 
 
 def hash_key(key: str) -> str:
@@ -906,6 +915,70 @@ class BrokerService(pb_grpc.BrokerServicer):
                 for peer in status.peers
             ],
         )
+
+    # -- membership (admin) --------------------------------------------------------------------
+
+    def _members_pb(self) -> list[Any]:
+        return [
+            pb.MemberStatus(
+                node_id=member.node_id,
+                client_address=member.client_address,
+                raft_address=member.raft_address,
+            )
+            for member in self._replication.members
+        ]
+
+    @_rpc
+    def AddMember(self, request: pb.AddMemberRequest, context: grpc.ServicerContext) -> Any:
+        # The registry command commits first: it checks the caller is an admin, and every node
+        # then knows the new member's client address before the new member can lead.
+        key_hash = self._key_hash(context)
+        self._replication.check_leader()
+        member = Member(request.node_id, request.client_address, request.raft_address)
+        known = self._replication.member(request.node_id)
+        if known is not None and known != member:
+            raise AlreadyExists("member", known.node_id)
+        if any(
+            m.raft_address == member.raft_address and m.node_id != member.node_id
+            for m in self._replication.members
+        ):
+            raise FailedPrecondition(
+                f"raft address {member.raft_address} belongs to another member"
+            )
+        self._propose(
+            AddMember(
+                key_hash=key_hash,
+                node_id=member.node_id,
+                client_address=member.client_address,
+                raft_address=member.raft_address,
+            ),
+            context,
+        )
+        self._replication.add_member(member, self._membership_timeout_s(context))
+        return pb.AddMemberResponse(members=self._members_pb())
+
+    @_rpc
+    def RemoveMember(self, request: pb.RemoveMemberRequest, context: grpc.ServicerContext) -> Any:
+        key_hash = self._key_hash(context)
+        self._replication.check_leader()
+        member = self._replication.member(request.node_id)
+        if member is None:
+            raise NotFound(f"node {request.node_id!r} is not a member of this cluster")
+        if member.node_id == self._replication.node_id:
+            raise FailedPrecondition(
+                f"node {member.node_id} is the leader and cannot remove itself; stop it, wait "
+                "for a new leader, then remove it there"
+            )
+        self._propose(RemoveMember(key_hash=key_hash, node_id=member.node_id), context)
+        self._replication.remove_member(member, self._membership_timeout_s(context))
+        return pb.RemoveMemberResponse(members=self._members_pb())
+
+    @staticmethod
+    def _membership_timeout_s(context: grpc.ServicerContext) -> float:
+        remaining: float | None = context.time_remaining()
+        if remaining is None:
+            return limits.MEMBERSHIP_CHANGE_TIMEOUT_S
+        return max(0.05, min(limits.MEMBERSHIP_CHANGE_TIMEOUT_S, remaining - 0.05))
 
 
 def _next_offset(request: Any) -> int:

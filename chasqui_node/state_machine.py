@@ -38,6 +38,7 @@ values are struct-packed, bodies stored raw.
     E<expires_at u64><D key without its "D">
                                  dedup expiry index, purged in time order
     X<inc>                       incarnation deleted, its T/S/Q/V/C records still being purged
+    n:<node_id>                  json {"client", "raft", "removed"}: the member registry
 
 Bounded work: no command loads a whole queue or topic. Per command, at most
 `DEDUP_PURGE_PER_COMMAND` dedup records, `DELETED_PURGE_PER_COMMAND` records of deleted
@@ -64,6 +65,7 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 from chasqui_node import limits
 from chasqui_node.commands import (
     Ack,
+    AddMember,
     Command,
     Consume,
     Created,
@@ -81,6 +83,7 @@ from chasqui_node.commands import (
     Entry,
     Extend,
     Kind,
+    MemberRecord,
     Nack,
     Overflow,
     Publish,
@@ -88,6 +91,7 @@ from chasqui_node.commands import (
     QueueInfo,
     Receipt,
     Receipts,
+    RemoveMember,
     Result,
     RevokeUser,
     SetAccess,
@@ -215,6 +219,7 @@ _P_CONSUMER = b"C"
 _P_DEDUP = b"D"
 _P_DEDUP_EXPIRY = b"E"
 _P_DELETED = b"X"
+_P_MEMBER = b"n:"
 _INCARNATION_PREFIXES = (
     _P_TOPIC_MESSAGE,
     _P_SUBSCRIPTION,
@@ -545,6 +550,11 @@ class StateMachine:
         users.sort(key=lambda summary: (len(summary.user_id), summary.user_id))
         return users
 
+    def members(self, store: Store) -> list[MemberRecord]:
+        """The member registry sorted by node id, tombstones included (at most
+        MEMBER_RECORDS_MAX). Unauthenticated: replication reads it to give leader hints."""
+        return [_member_record(node_id, value) for node_id, value in _scan_all(store, _P_MEMBER)]
+
     def list_topics(self, store: Store, key_hash: str, owned_only: bool) -> list[TopicInfo]:
         """Every topic sorted by name (only the caller's with `owned_only`)."""
         user = self.authenticate(store, key_hash)
@@ -589,6 +599,20 @@ class StateMachine:
                 )
             )
         return queues
+
+
+def _member_record(node_id: str, value: bytes) -> MemberRecord:
+    record = json.loads(value)
+    return MemberRecord(node_id, record["client"], record["raft"], record["removed"])
+
+
+def _check_address(what: str, address: str) -> None:
+    _check_int(
+        what, len(address.encode()), 1, limits.ADDRESS_BYTES_MAX, "address_bytes_max", "bytes"
+    )
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidArgument(f"{what} {address!r} is not host:port")
 
 
 def _scan_all(store: Store, prefix: bytes) -> list[tuple[str, bytes]]:
@@ -644,6 +668,8 @@ class _Applier:
             CreateUserAsAdmin: self.create_user_as_admin,
             RevokeUser: self.revoke_user,
             SetAccess: self.set_access,
+            AddMember: self.add_member,
+            RemoveMember: self.remove_member,
         }
 
     # -- dispatch and housekeeping ------------------------------------------------------------
@@ -873,6 +899,72 @@ class _Applier:
         if not target.revoked:
             self.put_user(key_hash, target.user_id, admin=target.admin, revoked=True)
         return Done()
+
+    # -- member registry ----------------------------------------------------------------------
+
+    def check_member_admin(self, user: UserInfo, node_id: str) -> None:
+        if not user.admin:
+            raise PermissionDenied(
+                f"user {user.user_id} is not an admin; only an admin may change cluster members"
+            )
+        _check_int(
+            "node_id", len(node_id.encode()), 1, limits.NODE_ID_BYTES_MAX, "node_id_bytes_max",
+            "bytes",
+        )  # fmt: skip
+
+    def add_member(self, user: UserInfo, command: AddMember) -> Result:
+        """Idempotent for the same addresses, so a caller may retry after a timeout."""
+        self.check_member_admin(user, command.node_id)
+        _check_address("client_address", command.client_address)
+        _check_address("raft_address", command.raft_address)
+        records = {
+            node_id: _member_record(node_id, value)
+            for node_id, value in _scan_all(self.store, _P_MEMBER)
+        }
+        for record in records.values():
+            if record.removed or record.node_id == command.node_id:
+                continue
+            if command.raft_address == record.raft_address:
+                raise FailedPrecondition(
+                    f"raft address {command.raft_address} belongs to member {record.node_id}"
+                )
+        existing = records.get(command.node_id)
+        if existing is not None and not existing.removed:
+            if (existing.client_address, existing.raft_address) == (
+                command.client_address,
+                command.raft_address,
+            ):
+                return Done()
+            raise AlreadyExists("member", command.node_id)
+        if existing is None and len(records) >= limits.MEMBER_RECORDS_MAX:
+            raise ResourceExhausted(
+                f"the member registry holds member_records_max {limits.MEMBER_RECORDS_MAX} records"
+            )
+        self.put_member(command.node_id, command.client_address, command.raft_address, False)
+        return Done()
+
+    def remove_member(self, user: UserInfo, command: RemoveMember) -> Result:
+        """Writes a tombstone even for a member only listed in the nodes' `--cluster`."""
+        self.check_member_admin(user, command.node_id)
+        value = self.store.get(_P_MEMBER + command.node_id.encode())
+        if value is None:
+            if len(_scan_all(self.store, _P_MEMBER)) >= limits.MEMBER_RECORDS_MAX:
+                raise ResourceExhausted(
+                    "the member registry holds member_records_max "
+                    f"{limits.MEMBER_RECORDS_MAX} records"
+                )
+            self.put_member(command.node_id, "", "", True)
+        else:
+            record = _member_record(command.node_id, value)
+            if not record.removed:
+                self.put_member(command.node_id, record.client_address, record.raft_address, True)
+        return Done()
+
+    def put_member(self, node_id: str, client: str, raft: str, removed: bool) -> None:
+        self.store.put(
+            _P_MEMBER + node_id.encode(),
+            _encode_json({"client": client, "raft": raft, "removed": removed}),
+        )
 
     # -- access lists -------------------------------------------------------------------------
 

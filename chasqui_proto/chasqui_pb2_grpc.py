@@ -134,6 +134,16 @@ class BrokerStub:
                 request_serializer=chasqui__pb2.RevokeUserRequest.SerializeToString,
                 response_deserializer=chasqui__pb2.RevokeUserResponse.FromString,
                 _registered_method=True)
+        self.AddMember = channel.unary_unary(
+                '/chasqui.v1.Broker/AddMember',
+                request_serializer=chasqui__pb2.AddMemberRequest.SerializeToString,
+                response_deserializer=chasqui__pb2.AddMemberResponse.FromString,
+                _registered_method=True)
+        self.RemoveMember = channel.unary_unary(
+                '/chasqui.v1.Broker/RemoveMember',
+                request_serializer=chasqui__pb2.RemoveMemberRequest.SerializeToString,
+                response_deserializer=chasqui__pb2.RemoveMemberResponse.FromString,
+                _registered_method=True)
         self.SetAccess = channel.unary_unary(
                 '/chasqui.v1.Broker/SetAccess',
                 request_serializer=chasqui__pb2.SetAccessRequest.SerializeToString,
@@ -276,6 +286,21 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddMember(self, request, context):
+        """Membership, on the leader, one change at a time: FAILED_PRECONDITION while an earlier
+        change (or a new leader's first entry) is not yet committed; retry. Start the new node
+        with --cluster listing every member, itself included. The leader cannot remove itself.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveMember(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetAccess(self, request, context):
         """Access control (the owner or an admin): who may publish to and consume from a topic or
         queue. An empty list lets every user in; the owner and admins are always allowed.
@@ -386,6 +411,16 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.RevokeUser,
                     request_deserializer=chasqui__pb2.RevokeUserRequest.FromString,
                     response_serializer=chasqui__pb2.RevokeUserResponse.SerializeToString,
+            ),
+            'AddMember': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddMember,
+                    request_deserializer=chasqui__pb2.AddMemberRequest.FromString,
+                    response_serializer=chasqui__pb2.AddMemberResponse.SerializeToString,
+            ),
+            'RemoveMember': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveMember,
+                    request_deserializer=chasqui__pb2.RemoveMemberRequest.FromString,
+                    response_serializer=chasqui__pb2.RemoveMemberResponse.SerializeToString,
             ),
             'SetAccess': grpc.unary_unary_rpc_method_handler(
                     servicer.SetAccess,
@@ -933,6 +968,60 @@ class Broker:
             '/chasqui.v1.Broker/RevokeUser',
             chasqui__pb2.RevokeUserRequest.SerializeToString,
             chasqui__pb2.RevokeUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddMember(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chasqui.v1.Broker/AddMember',
+            chasqui__pb2.AddMemberRequest.SerializeToString,
+            chasqui__pb2.AddMemberResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveMember(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chasqui.v1.Broker/RemoveMember',
+            chasqui__pb2.RemoveMemberRequest.SerializeToString,
+            chasqui__pb2.RemoveMemberResponse.FromString,
             options,
             channel_credentials,
             insecure,

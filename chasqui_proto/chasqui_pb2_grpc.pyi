@@ -76,6 +76,12 @@ class BrokerStub:
     """The key is refused from then on; the user's topics and queues stay until an admin deletes
     them.
     """
+    AddMember: _grpc.UnaryUnaryMultiCallable[_chasqui_pb2.AddMemberRequest, _chasqui_pb2.AddMemberResponse]
+    """Membership, on the leader, one change at a time: FAILED_PRECONDITION while an earlier
+    change (or a new leader's first entry) is not yet committed; retry. Start the new node
+    with --cluster listing every member, itself included. The leader cannot remove itself.
+    """
+    RemoveMember: _grpc.UnaryUnaryMultiCallable[_chasqui_pb2.RemoveMemberRequest, _chasqui_pb2.RemoveMemberResponse]
     SetAccess: _grpc.UnaryUnaryMultiCallable[_chasqui_pb2.SetAccessRequest, _chasqui_pb2.SetAccessResponse]
     """Access control (the owner or an admin): who may publish to and consume from a topic or
     queue. An empty list lets every user in; the owner and admins are always allowed.
@@ -119,6 +125,12 @@ class BrokerAsyncStub(BrokerStub):
     """The key is refused from then on; the user's topics and queues stay until an admin deletes
     them.
     """
+    AddMember: _aio.UnaryUnaryMultiCallable[_chasqui_pb2.AddMemberRequest, _chasqui_pb2.AddMemberResponse]  # type: ignore[assignment]
+    """Membership, on the leader, one change at a time: FAILED_PRECONDITION while an earlier
+    change (or a new leader's first entry) is not yet committed; retry. Start the new node
+    with --cluster listing every member, itself included. The leader cannot remove itself.
+    """
+    RemoveMember: _aio.UnaryUnaryMultiCallable[_chasqui_pb2.RemoveMemberRequest, _chasqui_pb2.RemoveMemberResponse]  # type: ignore[assignment]
     SetAccess: _aio.UnaryUnaryMultiCallable[_chasqui_pb2.SetAccessRequest, _chasqui_pb2.SetAccessResponse]  # type: ignore[assignment]
     """Access control (the owner or an admin): who may publish to and consume from a topic or
     queue. An empty list lets every user in; the owner and admins are always allowed.
@@ -279,6 +291,24 @@ class BrokerServicer(metaclass=_abc_1.ABCMeta):
         """The key is refused from then on; the user's topics and queues stay until an admin deletes
         them.
         """
+
+    @_abc_1.abstractmethod
+    def AddMember(
+        self,
+        request: _chasqui_pb2.AddMemberRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_chasqui_pb2.AddMemberResponse, _abc.Awaitable[_chasqui_pb2.AddMemberResponse]]:
+        """Membership, on the leader, one change at a time: FAILED_PRECONDITION while an earlier
+        change (or a new leader's first entry) is not yet committed; retry. Start the new node
+        with --cluster listing every member, itself included. The leader cannot remove itself.
+        """
+
+    @_abc_1.abstractmethod
+    def RemoveMember(
+        self,
+        request: _chasqui_pb2.RemoveMemberRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_chasqui_pb2.RemoveMemberResponse, _abc.Awaitable[_chasqui_pb2.RemoveMemberResponse]]: ...
 
     @_abc_1.abstractmethod
     def SetAccess(

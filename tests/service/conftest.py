@@ -71,6 +71,7 @@ class FakeReplication:
         self._lock = threading.Lock()
         self._leader: Member | None = NODE
         self._applied_index = 0
+        self.members: tuple[Member, ...] = (NODE,)
 
     def become_follower(self, leader: Member | None) -> None:
         """From now on refuse proposals: NotLeader with `leader` as hint, or NoLeader."""
@@ -114,6 +115,18 @@ class FakeReplication:
     def read(self, query: Callable[[Store], T]) -> T:
         with self._lock:
             return query(self.store)
+
+    def member(self, node_id: str) -> Member | None:
+        return next((m for m in self.members if m.node_id == node_id), None)
+
+    def add_member(self, member: Member, timeout_s: float) -> None:
+        self.check_leader()
+        if member not in self.members:
+            self.members = (*self.members, member)
+
+    def remove_member(self, member: Member, timeout_s: float) -> None:
+        self.check_leader()
+        self.members = tuple(m for m in self.members if m != member)
 
 
 @dataclass
