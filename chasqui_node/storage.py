@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import struct
@@ -31,6 +32,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import lmdb
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -298,6 +301,7 @@ class Storage:
             _fsync_dir(self._data_dir)
             shutil.rmtree(retired)
             self._open()
+        logger.info("installed a snapshot at applied index %d", self._applied_index)
         return raft_data
 
 

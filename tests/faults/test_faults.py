@@ -71,6 +71,8 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 )
 def test_process_faults_lose_nothing(cluster: Cluster, fault: str, nemesis: Nemesis) -> None:
     assert_valid(fault, run_fault(cluster, nemesis, SECONDS))
+    if nemesis is pause_follower:  # it fell behind compaction: the leader sent a snapshot
+        assert any("installed a snapshot" in text for text in cluster.logs().values())
 
 
 def test_consumers_killed_holding_leases_lose_nothing(cluster: Cluster) -> None:
@@ -88,16 +90,16 @@ def test_consumers_killed_holding_leases_lose_nothing(cluster: Cluster) -> None:
 NAMESPACES_OK, NAMESPACES_WHY = netlab.available()
 
 
-@pytest.fixture
-def lab_cluster(tmp_path: Path) -> Iterator[tuple[netlab.NetLab, Cluster]]:
+def _lab_cluster(tmp_path: Path, size: int) -> Iterator[tuple[netlab.NetLab, Cluster]]:
     if not NAMESPACES_OK:
         pytest.skip(f"partition tests need network namespaces: {NAMESPACES_WHY}")
-    lab = netlab.NetLab(3)
+    lab = netlab.NetLab(size)
     running = Cluster(
         tmp_path,
+        size=size,
         extra_args=["--raft-compaction-entries", "100"],
         hosts=lab.hosts,
-        command_prefixes=[lab.prefix(index) for index in range(3)],
+        command_prefixes=[lab.prefix(index) for index in range(size)],
     )
     try:
         running.start()
@@ -105,6 +107,16 @@ def lab_cluster(tmp_path: Path) -> Iterator[tuple[netlab.NetLab, Cluster]]:
     finally:
         running.close()
         lab.close()
+
+
+@pytest.fixture
+def lab_cluster(tmp_path: Path) -> Iterator[tuple[netlab.NetLab, Cluster]]:
+    yield from _lab_cluster(tmp_path, 3)
+
+
+@pytest.fixture
+def lab_cluster_of_five(tmp_path: Path) -> Iterator[tuple[netlab.NetLab, Cluster]]:
+    yield from _lab_cluster(tmp_path, 5)
 
 
 def partitions(lab: netlab.NetLab) -> Nemesis:
@@ -201,3 +213,31 @@ def test_disk_full_on_one_node_loses_nothing(small_disk_cluster: tuple[Path, Clu
     assert_valid("disk full on one node", report)
     # The full node stopped rather than acknowledge what it could not write, then rejoined.
     assert "stopping the node" in cluster.logs()["n3"]
+
+
+def ring_partitions(lab: netlab.NetLab, size: int) -> Nemesis:
+    """Each node reaches only its two neighbours in a ring (a majority each, but no two
+    majorities agree on who they can see), rotated at random, healing in between."""
+
+    def nemesis(cluster: Cluster, rng: random.Random, stop: threading.Event) -> None:
+        while not stop.wait(rng.uniform(0.5, 1.0)):
+            order = rng.sample(range(size), size)
+            position = {node: place for place, node in enumerate(order)}
+            lab.cut(
+                (first, second)
+                for first in range(size)
+                for second in range(first + 1, size)
+                if (position[first] - position[second]) % size not in (1, size - 1)
+            )
+            stop.wait(rng.uniform(1.5, 3.0))
+            lab.heal()
+
+    return nemesis
+
+
+def test_ring_partitions_of_five_nodes_lose_nothing(
+    lab_cluster_of_five: tuple[netlab.NetLab, Cluster],
+) -> None:
+    lab, cluster = lab_cluster_of_five
+    report = run_fault(cluster, ring_partitions(lab, 5), SECONDS, heal=lab.heal)
+    assert_valid("ring partitions (5 nodes)", report)
