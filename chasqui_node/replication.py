@@ -204,22 +204,37 @@ class _DurableRaftLog(PysyncobjJournal):  # type: ignore[misc]
             self._on_fatal(f"cannot {what} in the Raft journal: {error}")
             raise
 
-    def _settle(self) -> None:
-        if self._pending_cut is not None:
-            cut, self._pending_cut = self._pending_cut, None
-            if cut < len(self._journal):
-                first_dropped = self._journal.index_at(cut)
-                if first_dropped <= self._applied_index():
-                    # Raft never overwrites committed entries; seeing this means a bug here or
-                    # in pysyncobj, and this replica's state may differ from its peers'.
-                    logger.critical(
-                        "dropping log entries from index %d although entries up to %d are "
-                        "applied: this replica may diverge",
-                        first_dropped,
-                        self._applied_index(),
-                    )
-            with self._writing("truncate entries"):
-                self._journal.truncate_from(cut)
+    def _settle(self, conflict: bool = False) -> None:
+        """Carry out a deferred deleteEntriesFrom.
+
+        pysyncobj deletes every entry after the leader's prevLogIdx, even committed ones that
+        match (a heartbeat with an old prevLogIdx does it). Raft never removes committed
+        entries, and doing so let a later compaction empty the whole log and wedge pysyncobj
+        (seen in the fault suite), so applied entries are kept: the log just ends later than
+        pysyncobj expected, which it handles. Only a real conflict (`conflict`: the leader sent
+        a different entry at an applied index, which no correct run can produce) removes
+        applied entries, and says so.
+        """
+        if self._pending_cut is None:
+            return
+        cut, self._pending_cut = self._pending_cut, None
+        if cut >= len(self._journal):
+            return
+        applied_end = self._applied_index() - self._journal.index_at(0) + 1
+        if cut < applied_end:
+            if not conflict:
+                cut = applied_end
+                if cut >= len(self._journal):
+                    return
+            else:
+                logger.critical(
+                    "dropping log entries from index %d although entries up to %d are "
+                    "applied: this replica may diverge",
+                    self._journal.index_at(cut),
+                    self._applied_index(),
+                )
+        with self._writing("truncate entries"):
+            self._journal.truncate_from(cut)
 
     def sync(self) -> None:
         self._settle()
@@ -236,7 +251,7 @@ class _DurableRaftLog(PysyncobjJournal):  # type: ignore[misc]
                     if self._pending_cut >= len(self._journal):
                         self._pending_cut = None
                     return
-            self._settle()
+            self._settle(conflict=True)
         with self._writing("append an entry"):
             self._journal.append(bytes(command), idx, term)
 
@@ -254,9 +269,12 @@ class _DurableRaftLog(PysyncobjJournal):  # type: ignore[misc]
         # The snapshot covering these entries was renamed into place by pysyncobj without a
         # directory fsync; make that rename durable before the entries disappear.
         self._settle()
+        # pysyncobj reads the first and last entries everywhere: never compact to nothing (it
+        # asks for that when its log ended before the snapshot's index; see `_settle`).
+        entry_to = min(entryTo, len(self._journal) - 1)
         with self._writing("compact entries"):
             fsync_directory(self._snapshot_directory)
-            self._journal.drop_before(entryTo)
+            self._journal.drop_before(entry_to)
 
     def __getitem__(self, item: Any) -> Any:
         self._settle()

@@ -385,11 +385,15 @@ def test_random_operations_agree_with_pysyncobj_memory_journal(
             next_index = base + len(matches)
             if not matches:
                 next_index = base
-        elif kind in ("deleteEntriesFrom", "deleteEntriesTo"):
+        elif kind == "deleteEntriesTo":
+            # The adapter never compacts to an empty log (pysyncobj reads its first and last
+            # entries everywhere): it keeps the last entry where pysyncobj's would drop all.
+            both(kind, min(operation[1], max(len(model) - 1, 0)))
+            if len(model):
+                next_index = model[-1][1] + 1
+        elif kind == "deleteEntriesFrom":
             both(kind, operation[1])
-            if len(model) == 0 and kind == "deleteEntriesTo":
-                next_index = 1  # the next add comes after a snapshot: any fresh index
-            elif len(model):
+            if len(model):
                 next_index = model[-1][1] + 1
         elif kind == "clear":
             both("clear")
@@ -410,3 +414,33 @@ def test_random_operations_agree_with_pysyncobj_memory_journal(
         assert log.getVotedForNodeId() == model.getVotedForNodeId()
     log._destroy()
     assert fatal == []
+
+
+def _applied_log(directory: Path, applied: int) -> _DurableRaftLog:
+    log = _DurableRaftLog(
+        Journal(directory / "j"), directory, on_fatal=[].append, applied_index=lambda: applied
+    )
+    for index in range(1, 9):
+        log.add(f"c{index}".encode(), index, 1)
+    return log
+
+
+def test_a_blanket_delete_keeps_entries_already_applied(tmp_path: Path) -> None:
+    """pysyncobj deletes everything after an old prevLogIdx even when nothing conflicts; the
+    adapter keeps applied (committed) entries, and drops only the unapplied tail."""
+    log = _applied_log(tmp_path, applied=6)
+    log.deleteEntriesFrom(2)  # a heartbeat with prevLogIdx 2: nothing re-added
+    assert [entry[1] for entry in log[:]] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_conflict_at_an_applied_index_still_replaces_it(tmp_path: Path) -> None:
+    log = _applied_log(tmp_path, applied=6)
+    log.deleteEntriesFrom(4)
+    log.add(b"other", 5, 2)  # index 4 kept (matches nothing sent), index 5 conflicts
+    assert [(entry[1], entry[2]) for entry in log[:]] == [(1, 1), (2, 1), (3, 1), (4, 1), (5, 2)]
+
+
+def test_compaction_never_empties_the_log(tmp_path: Path) -> None:
+    log = _applied_log(tmp_path, applied=8)
+    log.deleteEntriesTo(len(log) + 3)  # pysyncobj asks past the end after a truncation
+    assert [entry[1] for entry in log[:]] == [8]
