@@ -47,20 +47,6 @@ from chasqui_proto import chasqui_pb2, chasqui_pb2_grpc
 
 __all__ = ["Client"]
 
-_CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", limits.GRPC_MESSAGE_BYTES_MAX),
-    ("grpc.max_receive_message_length", limits.GRPC_MESSAGE_BYTES_MAX),
-    ("grpc.initial_reconnect_backoff_ms", limits.RECONNECT_BACKOFF_INITIAL_MS),
-    ("grpc.max_reconnect_backoff_ms", limits.RECONNECT_BACKOFF_MAX_MS),
-]
-_SETTLED_STATES = frozenset(
-    {
-        grpc.ChannelConnectivity.READY,
-        grpc.ChannelConnectivity.TRANSIENT_FAILURE,
-        grpc.ChannelConnectivity.SHUTDOWN,
-    }
-)
-
 
 class _Endpoint:
     """One node address with its `grpc.aio` channel (see the sync client's `_Endpoint`)."""
@@ -68,9 +54,11 @@ class _Endpoint:
     def __init__(self, address: str, credentials: grpc.ChannelCredentials | None) -> None:
         self.address = address
         if credentials is None:
-            self.channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+            self.channel = grpc.aio.insecure_channel(address, options=routing.CHANNEL_OPTIONS)
         else:
-            self.channel = grpc.aio.secure_channel(address, credentials, options=_CHANNEL_OPTIONS)
+            self.channel = grpc.aio.secure_channel(
+                address, credentials, options=routing.CHANNEL_OPTIONS
+            )
         self.stub = chasqui_pb2_grpc.BrokerStub(self.channel)
         self._was_ready = False
 
@@ -88,7 +76,8 @@ class _Endpoint:
         deadline = time.monotonic() + timeout_s
         state = self._state()
         while not (
-            state in _SETTLED_STATES or (state is grpc.ChannelConnectivity.IDLE and self._was_ready)
+            state in routing.SETTLED_STATES
+            or (state is grpc.ChannelConnectivity.IDLE and self._was_ready)
         ):
             remaining_s = deadline - time.monotonic()
             if remaining_s <= 0:

@@ -57,23 +57,6 @@ if TYPE_CHECKING:
 
 __all__ = ["LEADER_METADATA_KEY", "Client", "_split_batches"]
 
-_CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", limits.GRPC_MESSAGE_BYTES_MAX),
-    ("grpc.max_receive_message_length", limits.GRPC_MESSAGE_BYTES_MAX),
-    # gRPC's reconnect backoff grows to 120 s by default, during which calls to a node that came
-    # back fail at once; a broker's nodes restart in seconds, so reconnect within about 1 s.
-    ("grpc.initial_reconnect_backoff_ms", limits.RECONNECT_BACKOFF_INITIAL_MS),
-    ("grpc.max_reconnect_backoff_ms", limits.RECONNECT_BACKOFF_MAX_MS),
-]
-# States in which a call is answered without waiting for a connection: connected or failing fast.
-_SETTLED_STATES = frozenset(
-    {
-        grpc.ChannelConnectivity.READY,
-        grpc.ChannelConnectivity.TRANSIENT_FAILURE,
-        grpc.ChannelConnectivity.SHUTDOWN,
-    }
-)
-
 
 class _Endpoint:
     """One node address with its lazily created channel and its last known connectivity."""
@@ -81,9 +64,11 @@ class _Endpoint:
     def __init__(self, address: str, credentials: grpc.ChannelCredentials | None) -> None:
         self.address = address
         if credentials is None:
-            self.channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+            self.channel = grpc.insecure_channel(address, options=routing.CHANNEL_OPTIONS)
         else:
-            self.channel = grpc.secure_channel(address, credentials, options=_CHANNEL_OPTIONS)
+            self.channel = grpc.secure_channel(
+                address, credentials, options=routing.CHANNEL_OPTIONS
+            )
         self.stub = chasqui_pb2_grpc.BrokerStub(self.channel)
         # Written by gRPC's polling thread under the condition; read without it where a stale
         # value only costs one extra attempt.
@@ -113,7 +98,7 @@ class _Endpoint:
         if self.state is grpc.ChannelConnectivity.IDLE:
             # A new channel starts IDLE while it begins to connect; a used one went idle.
             return self._was_ready
-        return self.state in _SETTLED_STATES
+        return self.state in routing.SETTLED_STATES
 
     @property
     def connected(self) -> bool:

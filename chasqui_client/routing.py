@@ -22,6 +22,24 @@ import grpc
 
 from chasqui_client import errors, limits
 
+# Channel options shared by the sync and asyncio clients. gRPC's reconnect backoff grows to
+# 120 s by default, during which calls to a node that came back fail at once; a broker's nodes
+# restart in seconds, so reconnect within about 1 s.
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", limits.GRPC_MESSAGE_BYTES_MAX),
+    ("grpc.max_receive_message_length", limits.GRPC_MESSAGE_BYTES_MAX),
+    ("grpc.initial_reconnect_backoff_ms", limits.RECONNECT_BACKOFF_INITIAL_MS),
+    ("grpc.max_reconnect_backoff_ms", limits.RECONNECT_BACKOFF_MAX_MS),
+]
+# States in which a call is answered without waiting for a connection: connected or failing fast.
+SETTLED_STATES = frozenset(
+    {
+        grpc.ChannelConnectivity.READY,
+        grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+        grpc.ChannelConnectivity.SHUTDOWN,
+    }
+)
+
 LEADER_METADATA_KEY = "chasqui-leader"
 
 _AMBIGUOUS_CODES = (grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED)
