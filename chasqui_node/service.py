@@ -287,6 +287,14 @@ class _Credit:
             return 0 if self.closed else self._available
 
 
+def _abort_internal(context: grpc.ServicerContext, method_name: str) -> None:
+    """A bug reached the service boundary: log it with a reference the client can quote, and
+    answer INTERNAL without the traceback. Call from inside an `except` block."""
+    reference = uuid.uuid4().hex[:8]
+    logger.exception("%s failed (ref %s)", method_name, reference)
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error (see node log, ref {reference})")
+
+
 def _rpc_stream(method: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
     """`_rpc` for server-streaming methods: errors raised while streaming end the stream
     with their status code."""
@@ -301,11 +309,7 @@ def _rpc_stream(method: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[
         except ChasquiError as error:
             self._abort(context, error)
         except Exception:
-            reference = uuid.uuid4().hex[:8]
-            logger.exception("%s failed (ref %s)", method.__name__, reference)
-            context.abort(
-                grpc.StatusCode.INTERNAL, f"internal error (see node log, ref {reference})"
-            )
+            _abort_internal(context, method.__name__)
         finally:
             # context.code() is what abort() set; None for a stream that ended by itself, which
             # it does when the call is no longer active (the client cancelled or timed out).
@@ -331,11 +335,7 @@ def _rpc(method: Callable[..., Any]) -> Callable[..., Any]:
         except ChasquiError as error:
             self._abort(context, error)
         except Exception:
-            reference = uuid.uuid4().hex[:8]
-            logger.exception("%s failed (ref %s)", method.__name__, reference)
-            context.abort(
-                grpc.StatusCode.INTERNAL, f"internal error (see node log, ref {reference})"
-            )
+            _abort_internal(context, method.__name__)
         finally:
             # One place counts every call: context.code() is what abort() set, None for OK.
             code = context.code() or grpc.StatusCode.OK

@@ -33,6 +33,8 @@ from typing import Any, TypeVar
 
 import lmdb
 
+from chasqui_node.journal import fsync_directory
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -190,7 +192,7 @@ class Storage:
         retired = self._data_dir / "state.retired"
         if not self._state_dir.exists() and incoming.exists():
             incoming.rename(self._state_dir)
-            _fsync_dir(self._data_dir)
+            fsync_directory(self._data_dir)
         for leftover in (incoming, retired):
             if leftover.exists():
                 shutil.rmtree(leftover)
@@ -275,7 +277,7 @@ class Storage:
         # fsync; the Raft log is cleared after this returns, so make the file durable first.
         with open(path, "rb") as received:
             os.fsync(received.fileno())
-        _fsync_dir(Path(path).parent)
+        fsync_directory(Path(path).parent)
         if header["applied_index"] <= self._applied_index:
             return raft_data
         incoming = self._data_dir / "state.incoming"
@@ -293,12 +295,12 @@ class Storage:
                 remaining -= len(chunk)
             target.flush()
             os.fsync(target.fileno())
-        _fsync_dir(incoming)
+        fsync_directory(incoming)
         with self._lock.exclusive():
             self._env.close()
             self._state_dir.rename(retired)
             incoming.rename(self._state_dir)
-            _fsync_dir(self._data_dir)
+            fsync_directory(self._data_dir)
             shutil.rmtree(retired)
             self._open()
         logger.info("installed a snapshot at applied index %d", self._applied_index)
@@ -349,11 +351,3 @@ def _sha256_of_file(path: str, length: int) -> bytes:
             digest.update(chunk)
             remaining -= len(chunk)
     return digest.digest()
-
-
-def _fsync_dir(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
