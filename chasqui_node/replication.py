@@ -12,7 +12,11 @@ pysyncobj traps handled here (ARCHITECTURE section 3):
   twice: both catch everything;
 - the tick thread also runs our snapshot serializer, so snapshots never race with applies;
 - Raft is bound to the listed address and always encrypted with a cluster secret;
-- a leader without a majority steps down after `leaderFallbackTimeout`, tuned to 1.5 s.
+- a leader without a majority steps down after `leaderFallbackTimeout`, tuned to 1.5 s;
+- where pysyncobj departs from Raft's safety rules, `_RaftNode` and `_DurableRaftLog` restore
+  them: a follower commits only entries the leader verified (not on a snapshot chunk), keeps
+  entries it acknowledged unless they conflict, installs only a snapshot that brings something
+  new, and its replies carry their term.
 
 Membership: the members a node knows are its static `--cluster` list overlaid with the
 replicated member registry (AddMember / RemoveMember commands), re-read whenever such a command
@@ -33,7 +37,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -76,6 +80,8 @@ ENTRIES_IN_FLIGHT_MAX = (
     16  # Raft entries proposed and not yet applied; more waiting = bigger batches
 )
 ENTRY_FORGOTTEN_S = 10.0  # an in-flight entry with no callback after this stops counting
+# The first byte of pysyncobj's own membership-change entries (ours are ASCII text).
+_MEMBERSHIP_COMMAND = bytes([pysyncobj.syncobj._COMMAND_TYPE.MEMBERSHIP])
 
 
 @dataclass(frozen=True)
@@ -174,9 +180,8 @@ class _DurableRaftLog(PysyncobjJournal):  # type: ignore[misc]
       leaves the node and at the end of every tick (group commit).
     - pysyncobj's follower deletes every entry after the leader's `prevLogIdx` even when they
       match (not only on a term conflict, as Raft requires), then appends the same entries
-      again. Here the delete is deferred: re-appended entries that match what is stored are
-      kept without a rewrite, so an acknowledged entry is never briefly missing from disk.
-      Entries not re-appended are dropped before anyone looks, as pysyncobj expects.
+      again. Here the delete is deferred and carried out only from the first conflicting
+      entry added (see `_settle`): an acknowledged entry never leaves the disk.
     """
 
     def __init__(
@@ -207,18 +212,25 @@ class _DurableRaftLog(PysyncobjJournal):  # type: ignore[misc]
     def _settle(self, conflict: bool = False) -> None:
         """Carry out a deferred deleteEntriesFrom.
 
-        pysyncobj deletes every entry after the leader's prevLogIdx, even committed ones that
-        match (a heartbeat with an old prevLogIdx does it). Raft never removes committed
-        entries, and doing so let a later compaction empty the whole log and wedge pysyncobj
-        (seen in the fault suite), so applied entries are kept: the log just ends later than
-        pysyncobj expected, which it handles. Only a real conflict (`conflict`: the leader sent
-        a different entry at an applied index, which no correct run can produce) removes
-        applied entries, and says so.
+        pysyncobj's follower deletes every entry after the leader's prevLogIdx and adds the
+        message's entries again, even when the ones it deletes match. Raft removes entries only
+        from the first conflict: a follower that drops matching entries it has acknowledged
+        (a leader re-sends a shorter range after a stale reject) lets the leader count them
+        towards a commit the follower no longer holds, and a later leader may lack them. So a
+        delete removes entries only when a conflicting entry is added (`conflict`); otherwise
+        the entries after the message's last one stay. They are not yet known to match the
+        leader, so `_RaftNode` keeps the commit index within what a message verified, as Raft
+        does. One exception: pysyncobj has already undone any membership change in the deleted
+        range and redoes only those it re-adds, so a tail holding one goes as pysyncobj
+        expects, except applied entries (committed: they match every leader's log).
+        A conflict at an applied index, which no correct run produces, is logged.
         """
         if self._pending_cut is None:
             return
         cut, self._pending_cut = self._pending_cut, None
         if cut >= len(self._journal):
+            return
+        if not conflict and not self._holds_membership_change(cut):
             return
         applied_end = self._applied_index() - self._journal.index_at(0) + 1
         if cut < applied_end:
@@ -235,6 +247,21 @@ class _DurableRaftLog(PysyncobjJournal):  # type: ignore[misc]
                 )
         with self._writing("truncate entries"):
             self._journal.truncate_from(cut)
+
+    def _holds_membership_change(self, start: int) -> bool:
+        return any(
+            self._entry(position)[0][:1] == _MEMBERSHIP_COMMAND
+            for position in range(start, len(self._journal))
+        )
+
+    def holds(self, index: int, term: int) -> bool:
+        """True when the log has an entry at `index` from `term`: by Raft's log matching it
+        then agrees with any leader's log up to `index`."""
+        self._settle()
+        if len(self._journal) == 0:
+            return False
+        position = index - self._journal.index_at(0)
+        return 0 <= position < len(self._journal) and self._entry(position)[2] == term
 
     def sync(self) -> None:
         self._settle()
@@ -325,6 +352,64 @@ class _DurableRaftLog(PysyncobjJournal):  # type: ignore[misc]
         pass
 
 
+class _SnapshotReceiver:
+    """Takes a leader's snapshot chunks (pysyncobj's serializer.setTransmissionData) into a
+    staging file, and hands it to pysyncobj for installing only when `accept` says so.
+
+    pysyncobj writes the chunks straight over the node's own snapshot file and then clears the
+    Raft log, whatever the snapshot holds. A leader may send a snapshot the follower does not
+    need (a stale "reset" reply makes it walk back after the follower caught up); clearing the
+    log then drops entries the follower had acknowledged, and the leader, which counted them,
+    commits entries that only it holds (the fault suite saw confirmed messages lost when such a
+    leader was deposed). Raft installs a snapshot only when it brings something new (the Raft
+    paper, section 7); anything else is dropped without a reply, and the leader goes on sending
+    entries after the snapshot's index as usual.
+    """
+
+    def __init__(self, target: str, accept: Callable[[str], bool]) -> None:
+        self._target = target
+        self._staging = target + ".incoming"
+        self._accept = accept
+        self._file: Any = None
+        self.completed = False  # the last chunk taken completed a snapshot to install
+        with suppress(FileNotFoundError):
+            os.unlink(self._staging)  # a transfer cut short by a stop
+
+    def __call__(self, data: Any) -> bool:
+        """pysyncobj's contract: True once a complete snapshot is in place for loading."""
+        self.completed = self._take(data)
+        return self.completed
+
+    def _take(self, data: Any) -> bool:
+        if data is None:
+            return False
+        chunk, is_first, is_last = data
+        try:
+            if is_first:
+                self._close()
+                self._file = open(self._staging, "wb")  # noqa: SIM115 (spans many calls)
+            elif self._file is None:
+                return False  # the start of this transfer was missed; the leader resends
+            self._file.write(chunk)
+            if not is_last:
+                return False
+            self._close()
+            if not self._accept(self._staging):
+                os.unlink(self._staging)
+                return False
+            os.replace(self._staging, self._target)  # fsynced by Storage.install_snapshot
+            return True
+        except OSError as error:
+            logger.warning("cannot receive a snapshot from the leader: %s", error)
+            self._close()
+            return False
+
+    def _close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 _JOURNAL_FACTORY_LOCK = threading.Lock()
 
 
@@ -341,8 +426,22 @@ class _BenignTruncationFilter(logging.Filter):
 logging.getLogger("pysyncobj.syncobj").addFilter(_BenignTruncationFilter())
 
 
+def _follower_commit(
+    before: int, after: int, message: dict[str, Any], snapshot_installed: bool
+) -> int:
+    """The commit index Raft allows a follower that moved it from `before` to `after` while
+    taking an append-entries `message` (see `_RaftNode._SyncObj__onMessageReceived`)."""
+    if "prevLogIdx" not in message:  # a snapshot chunk
+        return after if snapshot_installed else before
+    transmission = message.get("transmission")  # one large entry, sent in pieces
+    added = 1 if transmission == "finish" else len(message.get("entries") or ())
+    return max(before, min(after, int(message["prevLogIdx"]) + added))
+
+
 class _RaftNode(SyncObj):  # type: ignore[misc]
     """pysyncobj's view of the node: one replicated method."""
+
+    _SyncObj__raftCommitIndex: int  # pysyncobj's commit index (see _SyncObj__onMessageReceived)
 
     def __init__(
         self,
@@ -351,6 +450,7 @@ class _RaftNode(SyncObj):  # type: ignore[misc]
         conf: SyncObjConf,
         apply_text: Callable[[int, str], list[Result] | None],
         raft_log: _DurableRaftLog,
+        accept_snapshot: Callable[[str], bool],
     ) -> None:
         # Assigned before SyncObj.__init__ so pysyncobj's default serializer would skip it; we
         # use our own serializer anyway, and the state lives in LMDB.
@@ -376,6 +476,64 @@ class _RaftNode(SyncObj):  # type: ignore[misc]
 
         transport.send = send_after_sync
         self.addOnTickCallback(raft_log.sync)
+        self._snapshot_receiver = _SnapshotReceiver(conf.fullDumpFile, accept_snapshot)
+        self._SyncObj__serializer.setTransmissionData = self._snapshot_receiver
+
+    def _SyncObj__onMessageReceived(self, node: Any, message: dict[str, Any]) -> None:
+        """pysyncobj's message handler, with two of Raft's rules it leaves out.
+
+        - A leader takes a follower's reply only when it answers this leader's term. pysyncobj's
+          replies carry no term, so one sent to this node in an earlier term (delayed by a
+          pause, or still queued) would set the follower's match index in the new term to
+          entries it may not hold there, and the leader would count them towards a commit.
+          Replies now carry the term (see `_SyncObj__sendNextNodeIdx`); one without a term
+          (a node still running an older Chasqui) is taken as before.
+        - A follower's commit index is min(leaderCommit, index of the message's last new entry).
+          pysyncobj uses the end of the log instead, right only while the log ends there; the
+          Raft log adapter keeps matching entries after it (see `_DurableRaftLog._settle`),
+          not yet verified against this leader. Worse, pysyncobj does so on every chunk of a
+          snapshot the leader sends, before the snapshot is installed: a deposed leader that
+          still holds entries of its own term then applied them, and confirmed them to its
+          clients, though no majority held them (the fault suite lost messages so). A chunk
+          moves the commit index only when it completes an installed snapshot (the log then
+          ends at the snapshot's last entry).
+        """
+        kind = message.get("type")
+        if kind == "next_node_idx" and message.get("term", self.raftCurrentTerm) != (
+            self.raftCurrentTerm
+        ):
+            return
+        before = self._SyncObj__raftCommitIndex
+        self._snapshot_receiver.completed = False
+        super()._SyncObj__onMessageReceived(node, message)
+        after = self._SyncObj__raftCommitIndex
+        if after <= before or kind != "append_entries":
+            return
+        verified = _follower_commit(before, after, message, self._snapshot_receiver.completed)
+        if verified != after:
+            self._SyncObj__raftCommitIndex = verified
+            self._SyncObj__raftLog.setRaftCommitIndex(verified)
+
+    def _SyncObj__sendNextNodeIdx(
+        self,
+        node: Any,
+        reset: bool = False,
+        nextNodeIdx: int | None = None,  # pysyncobj passes it by this name
+        success: bool = False,
+    ) -> None:
+        """pysyncobj's reply to the leader, with the term it answers (see above)."""
+        if nextNodeIdx is None:
+            nextNodeIdx = self._SyncObj__getCurrentLogIndex() + 1
+        self._SyncObj__transport.send(
+            node,
+            {
+                "type": "next_node_idx",
+                "next_node_idx": nextNodeIdx,
+                "reset": reset,
+                "success": success,
+                "term": self.raftCurrentTerm,
+            },
+        )
 
     @replicated  # type: ignore[untyped-decorator]
     def apply_entry(self, text: str) -> list[Result] | None:
@@ -466,7 +624,12 @@ class Replicator:
         )
         others = [m.raft_address for m in members if m.node_id != node_id]
         self._raft = _RaftNode(
-            self._self.raft_address, others, conf, self._apply_text, self._raft_log
+            self._self.raft_address,
+            others,
+            conf,
+            self._apply_text,
+            self._raft_log,
+            self._accept_snapshot,
         )
         self._proposer = threading.Thread(
             target=self._propose_loop, name=f"chasqui-proposer-{node_id}", daemon=True
@@ -649,6 +812,35 @@ class Replicator:
     def _write_snapshot(self, path: str, raft_data: Any) -> None:
         # Called by pysyncobj on the tick thread during log compaction; it renames the file.
         self._storage.write_snapshot(path, pickle.dumps(raft_data, protocol=4))
+
+    def _accept_snapshot(self, path: str) -> bool:
+        """Whether a snapshot received from the leader brings anything new (tick thread): not
+        when its last entry is applied here already, or is in this node's log (then the
+        entries up to it agree with the leader's, and the ones after it may be acknowledged)."""
+        try:
+            _header, raft_data, _offset, _length = read_snapshot_header(path)
+            _command, last_index, last_term = pickle.loads(raft_data)[0]
+        except (
+            SnapshotCorrupt,
+            pickle.UnpicklingError,
+            ValueError,
+            TypeError,
+            IndexError,
+        ) as error:
+            logger.error(
+                "node %s: declined a damaged snapshot from the leader: %s", self.node_id, error
+            )
+            return False
+        applied = self._storage.applied_index
+        if last_index <= applied or self._raft_log.holds(last_index, last_term):
+            logger.info(
+                "node %s: declined a snapshot at index %d (applied here: %d): nothing new",
+                self.node_id,
+                last_index,
+                applied,
+            )
+            return False
+        return True
 
     def _read_snapshot(self, path: str) -> Any:
         # Called by pysyncobj on the tick thread at start-up and when a leader installs a

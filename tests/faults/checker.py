@@ -187,6 +187,29 @@ def check(
     return report
 
 
+def timeline(events: Sequence[Event], report: Report, limit: int = 5) -> list[str]:
+    """Every event of the first `limit` anomalous ids, in wall-clock time (to read beside the
+    nodes' logs) when the test fails."""
+    ids = []
+    for examples in report.anomalies.values():
+        for example in examples:
+            message_id = example.split(" ", 1)[0]
+            if message_id not in ids and len(ids) < limit:
+                ids.append(message_id)
+    wall_offset = time.time() - time.monotonic()
+    lines = []
+    for event in sorted(events, key=lambda event: event.at):
+        if event.message_id in ids:
+            clock = time.strftime("%H:%M:%S", time.localtime(event.at + wall_offset))
+            millis = int((event.at + wall_offset) % 1 * 1000)
+            outcome = event.outcome.value if event.outcome else "invoke"
+            lines.append(
+                f"{clock}.{millis:03d} {event.process:8} {event.operation:7} {event.target:11} "
+                f"{event.message_id:10} {outcome:7} {event.detail}".rstrip()
+            )
+    return lines
+
+
 def table(rows: Iterable[tuple[str, Report]]) -> str:
     """One line per fault: the figures `make test-faults` prints."""
     header = ("fault", "ops", "confirmed", "lost", "unexp", "dup", "order", "div")

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from chasqui_client import Client, errors
-from tests.faults.checker import History, Outcome, Report, check
+from tests.faults.checker import History, Outcome, Report, check, timeline
 from tests.harness import Cluster, dump_states
 
 QUEUE = "jobs"
@@ -220,13 +220,23 @@ def run_fault(
     final = workload.final_reads()
     cluster.wait_converged(timeout_s=60)
     cluster.close()
+    history = workload.history.snapshot()
     report = check(
-        workload.history.snapshot(),
+        history,
         final,
         topic_reads=workload.topic_reads,
         node_states=dump_states(cluster),
     )
     print(f"seed {seed}: {report.summary()}")
+    if not report.valid:  # enough to read the failure from a CI log
+        print("\n".join(["history of the anomalies:", *timeline(history, report)]))
+        for node_id, text in cluster.logs().items():
+            raft_lines = [
+                line
+                for line in text.splitlines()
+                if "chasqui_node.replication" in line or "snapshot" in line
+            ]
+            print("\n".join([f"{node_id} Raft log lines:", *raft_lines[-60:]]))
     for node_id, full_text in cluster.logs().items():
         # Log lines a fault is expected to cause (handled errors, e.g. ENOSPC) are set aside.
         text = "\n".join(

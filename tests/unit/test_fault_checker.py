@@ -3,7 +3,7 @@ one: a checker that cannot fail would make every fault test meaningless."""
 
 from __future__ import annotations
 
-from tests.faults.checker import Event, Outcome, check
+from tests.faults.checker import Event, Outcome, check, timeline
 
 Q = "queue:jobs"
 T = "topic:news"
@@ -107,3 +107,25 @@ def test_a_late_reply_to_a_consume_started_before_the_ack_is_not_a_duplicate() -
         ack(4, "p-0", reader="fast"),
     ]
     assert check(events, {Q: []}).valid
+
+
+def test_the_timeline_shows_every_event_of_the_anomalous_ids_in_order() -> None:
+    events = [
+        *publish(1, "p-0", Outcome.OK),
+        *publish(2, "p-1", Outcome.OK),
+        deliver(3, "p-1"),
+        ack(4, "p-1"),
+        deliver(5, "p-1"),
+    ]
+    report = check(events, {Q: []})
+    lines = timeline(events, report)
+    assert [line.split()[1:5] for line in lines] == [
+        ["p", "publish", Q, "p-0"],  # lost
+        ["p", "publish", Q, "p-0"],
+        ["p", "publish", Q, "p-1"],  # duplicated after its ack
+        ["p", "publish", Q, "p-1"],
+        ["c", "deliver", Q, "p-1"],
+        ["c", "ack", Q, "p-1"],
+        ["c", "deliver", Q, "p-1"],
+    ]
+    assert timeline([*events[:2], deliver(3, "p-0")], check(events[:2], {Q: ["p-0"]})) == []

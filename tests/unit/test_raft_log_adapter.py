@@ -2,13 +2,13 @@
 
 They prove that:
 
-1. it keeps pysyncobj's semantics: `add`, `len`, `[int]` and `[slice]` (a lazy view whose `len`,
-   iteration, indexing and sub-slicing agree with a list), `deleteEntriesFrom`,
-   `deleteEntriesTo`, `clear`, term and vote, all agreeing with pysyncobj's own `MemoryJournal`
-   over random operation sequences (hypothesis);
-2. its deferred `deleteEntriesFrom` keeps re-added identical entries without rewriting the
-   file, truncates at the first re-added entry that differs, and drops the entries not re-added
-   before anyone can see them;
+1. it keeps pysyncobj's journal interface: `add`, `len`, `[int]` and `[slice]` (a lazy view
+   whose `len`, iteration, indexing and sub-slicing agree with a list), `deleteEntriesFrom`,
+   `deleteEntriesTo`, `clear`, term and vote, agreeing with a list-based model of Raft's log
+   rule over random operation sequences (hypothesis);
+2. Raft's rule where pysyncobj departs from it: a `deleteEntriesFrom` removes entries only from
+   the first re-added entry that differs; re-added identical entries are kept without
+   rewriting the file, and entries not re-added stay (they may be acknowledged);
 3. what was added and synced, and the term and vote, survive a reopen;
 4. a corrupt entry read through the adapter reports to `on_fatal` and raises `JournalCorrupt`.
 """
@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from pysyncobj.journal import MemoryJournal
 
 from chasqui_node.journal import Entry, Journal, JournalCorrupt
-from chasqui_node.replication import _DurableRaftLog, _EntryView
+from chasqui_node.replication import _MEMBERSHIP_COMMAND, _DurableRaftLog, _EntryView
 
 HEADER = 24  # u32 length | u32 crc32 | u64 index | u64 term
 
@@ -147,23 +147,24 @@ def test_re_adding_the_same_entries_after_delete_does_not_rewrite(tmp_path: Path
     log._destroy()
 
 
-def test_partial_re_add_keeps_the_prefix_bytes_and_drops_the_rest(tmp_path: Path) -> None:
+def test_partial_re_add_keeps_the_matching_tail(tmp_path: Path) -> None:
+    """A leader re-sending a shorter range (after a stale reject) must not take away entries
+    the follower acknowledged: Raft removes entries only from a conflict."""
     log, _, written = filled(tmp_path, 10)
     path = segment(tmp_path)
     before = path.read_bytes()
-    record = len(before) // 10
 
     log.deleteEntriesFrom(5)
     log.add(*written[5])
     log.add(*written[6])
-    assert len(log) == 7  # what pysyncobj expects after deleting from 5 and adding two
-    assert log[-1] == written[6]
+    assert len(log) == 10
+    assert log[-1] == written[9]
     log.sync()
-    assert path.read_bytes() == before[: 7 * record]
+    assert path.read_bytes() == before
     log._destroy()
 
     reopened, _ = open_log(tmp_path)
-    assert as_list(reopened) == written[:7]
+    assert as_list(reopened) == written
     reopened._destroy()
 
 
@@ -191,20 +192,20 @@ def test_re_add_with_same_index_and_term_but_other_command_truncates(tmp_path: P
 
 
 @pytest.mark.parametrize("look", ["len", "last", "slice", "sync", "destroy"])
-def test_delete_with_nothing_re_added_drops_the_tail(tmp_path: Path, look: str) -> None:
+def test_delete_with_nothing_re_added_keeps_the_tail(tmp_path: Path, look: str) -> None:
     log, _, written = filled(tmp_path, 10)
-    log.deleteEntriesFrom(4)
+    log.deleteEntriesFrom(4)  # a heartbeat with an old prevLogIdx: nothing conflicts
     if look == "len":
-        assert len(log) == 4
+        assert len(log) == 10
     elif look == "last":
-        assert log[-1] == written[3]
+        assert log[-1] == written[9]
     elif look == "slice":
-        assert list(log[:]) == written[:4]
+        assert list(log[:]) == written
     elif look == "sync":
         log.sync()
     log._destroy()
     reopened, _ = open_log(tmp_path)
-    assert as_list(reopened) == written[:4]
+    assert as_list(reopened) == written
     reopened._destroy()
 
 
@@ -222,7 +223,8 @@ def test_second_delete_settles_the_first(tmp_path: Path) -> None:
     log.add(*written[5])
     log.add(*written[6])
     log.deleteEntriesFrom(6)
-    assert as_list(log) == written[:6]
+    log.add(b"other", 7, 2)  # conflicts with the second delete's position, not the first's
+    assert as_list(log) == [*written[:6], (b"other", 7, 2)]
     log._destroy()
 
 
@@ -242,7 +244,7 @@ def test_delete_entries_to_after_a_pending_delete_from(tmp_path: Path) -> None:
     log, _, written = filled(tmp_path, 10)
     log.deleteEntriesFrom(8)
     log.deleteEntriesTo(3)
-    assert as_list(log) == written[3:8]
+    assert as_list(log) == written[3:]
     log._destroy()
 
 
@@ -324,7 +326,49 @@ def test_corrupt_entry_read_through_adapter_is_fatal(tmp_path: Path, how: str) -
     log._journal.close()
 
 
-# -- property: the adapter against pysyncobj's MemoryJournal ---------------------------------
+# -- property: the adapter against a model of Raft's log rule --------------------------------
+
+
+class RaftLogModel:
+    """pysyncobj's MemoryJournal with Raft's removal rule: a delete takes effect only at the
+    first added entry that differs from the stored one at its position."""
+
+    def __init__(self) -> None:
+        self.journal = MemoryJournal()
+        self.pending: int | None = None
+
+    def add(self, command: bytes, index: int, term: int) -> None:
+        if self.pending is not None and self.pending < len(self.journal):
+            if self.journal[self.pending] == (command, index, term):
+                self.pending += 1
+                return
+            self.journal.deleteEntriesFrom(self.pending)
+        self.pending = None
+        self.journal.add(command, index, term)
+
+    def deleteEntriesFrom(self, position: int) -> None:
+        self.pending = position
+
+    def deleteEntriesTo(self, position: int) -> None:
+        self.pending = None
+        self.journal.deleteEntriesTo(position)
+
+    def clear(self) -> None:
+        self.pending = None
+        self.journal.clear()
+
+    def settle(self) -> None:
+        self.pending = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.journal, name)
+
+    def __len__(self) -> int:
+        return len(self.journal)
+
+    def __getitem__(self, item: Any) -> Any:
+        return self.journal[item]
+
 
 _operations = st.lists(
     st.one_of(
@@ -350,7 +394,7 @@ def test_random_operations_agree_with_pysyncobj_memory_journal(
 ) -> None:
     directory = tmp_path_factory.mktemp("raftlog")
     log, fatal = open_log(directory)
-    model = MemoryJournal()
+    model = RaftLogModel()
     next_index = 1
 
     def both(name: str, *args: object) -> None:
@@ -383,8 +427,7 @@ def test_random_operations_agree_with_pysyncobj_memory_journal(
                 else:
                     both("add", f"new{index}".encode(), index, 9)
             next_index = base + len(matches)
-            if not matches:
-                next_index = base
+            next_index = max(next_index, model[-1][1] + 1 if len(model) else next_index)
         elif kind == "deleteEntriesTo":
             # The adapter never compacts to an empty log (pysyncobj reads its first and last
             # entries everywhere): it keeps the last entry where pysyncobj's would drop all.
@@ -393,8 +436,6 @@ def test_random_operations_agree_with_pysyncobj_memory_journal(
                 next_index = model[-1][1] + 1
         elif kind == "deleteEntriesFrom":
             both(kind, operation[1])
-            if len(model):
-                next_index = model[-1][1] + 1
         elif kind == "clear":
             both("clear")
             next_index = operation[1]
@@ -405,6 +446,7 @@ def test_random_operations_agree_with_pysyncobj_memory_journal(
         else:
             log._destroy()
             log, fatal = open_log(directory)
+        model.settle()  # the reads below settle the adapter's deferred delete
         assert len(log) == len(model)
         assert list(log[:]) == list(model[:])
         if len(model):
@@ -425,12 +467,23 @@ def _applied_log(directory: Path, applied: int) -> _DurableRaftLog:
     return log
 
 
-def test_a_blanket_delete_keeps_entries_already_applied(tmp_path: Path) -> None:
+def test_a_blanket_delete_keeps_every_entry(tmp_path: Path) -> None:
     """pysyncobj deletes everything after an old prevLogIdx even when nothing conflicts; the
-    adapter keeps applied (committed) entries, and drops only the unapplied tail."""
+    adapter keeps the entries until a conflicting one arrives."""
     log = _applied_log(tmp_path, applied=6)
     log.deleteEntriesFrom(2)  # a heartbeat with prevLogIdx 2: nothing re-added
-    assert [entry[1] for entry in log[:]] == [1, 2, 3, 4, 5, 6]
+    assert [entry[1] for entry in log[:]] == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+def test_a_blanket_delete_over_a_membership_change_drops_the_unapplied_tail(
+    tmp_path: Path,
+) -> None:
+    """pysyncobj undid the membership change in the deleted range and redoes only what it
+    re-adds: the log follows it, except applied (committed) entries."""
+    log = _applied_log(tmp_path, applied=5)
+    log.add(_MEMBERSHIP_COMMAND + b"change", 9, 1)
+    log.deleteEntriesFrom(2)
+    assert [entry[1] for entry in log[:]] == [1, 2, 3, 4, 5]
 
 
 def test_a_conflict_at_an_applied_index_still_replaces_it(tmp_path: Path) -> None:
