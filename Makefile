@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 NODES  ?= 3
 DATA   ?= ./var
 
-.PHONY: run test test-faults proto lint bench install install-test clean
+.PHONY: run test test-faults proto lint bench bench-peers install install-test clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,13 @@ lint: install-test
 ## Throughput and latency figures against a local 3-node cluster.
 bench: install-test
 	$(PY) -m pytest -m bench -s tests/bench
+
+## Chasqui, NATS JetStream and RabbitMQ through the shared peer harness in one run (installs the
+## peers from Debian packages), then a table of figures and Chasqui/peer ratios.
+PEERS  ?= ../shared/bench/peers
+ROUNDS ?= 1
+bench-peers: install-test
+	$(PY) -m tests.bench.peers --peers-dir $(PEERS) --rounds $(ROUNDS)
 
 clean:
 	rm -rf $(VENV) $(DATA) *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -47,11 +47,13 @@ from chasqui_client.models import (
     Start,
     TopicInfo,
     WhoAmI,
+    settle_streams,
 )
 from chasqui_client.routing import LEADER_METADATA_KEY
 from chasqui_proto import chasqui_pb2, chasqui_pb2_grpc
 
 if TYPE_CHECKING:
+    from chasqui_client.acker import Acker
     from chasqui_client.publisher import Publisher
     from chasqui_client.stream import Stream
 
@@ -154,7 +156,7 @@ class Client:
         self._router = routing.Router(addresses)
         self._endpoints: dict[str, _Endpoint] = {}
         self._sequences = itertools.count(1)
-        self._closing: list[Stream | Publisher] = []
+        self._closing: list[Stream | Publisher | Acker] = []
         self.user_id: str | None = None
         if key is None:
             try:
@@ -526,7 +528,7 @@ class Client:
         self._track(stream)
         return stream
 
-    def _track(self, resource: Stream | Publisher) -> None:
+    def _track(self, resource: Stream | Publisher | Acker) -> None:
         with self._lock:
             if self._router.closed:
                 raise RuntimeError("client is closed")
@@ -534,6 +536,15 @@ class Client:
             self._closing.append(resource)
 
     # ---- acknowledging ---------------------------------------------------------------------
+
+    def acker(self) -> Acker:
+        """Pipelined acks: `acker.ack(message)` returns at once and acks travel in batches;
+        `flush()` or `close()` waits for them. See `chasqui_client.acker.Acker`."""
+        from chasqui_client.acker import Acker
+
+        acker = Acker(self)
+        self._track(acker)
+        return acker
 
     def ack(self, messages: Message | Iterable[Message]) -> None:
         """Acks one delivery or many (split into calls of at most 1000). Idempotent."""
@@ -543,9 +554,9 @@ class Client:
             except errors.FailedPrecondition:
                 # The lease had expired: the delivery is no longer this caller's either way.
                 if len(chunk) == 1:
-                    _settled(chunk, acked=False)
+                    settle_streams(chunk, acked=False)
                 raise
-            _settled(chunk, acked=True)
+            settle_streams(chunk, acked=True)
 
     def nack(self, message: Message, delay_s: float = 0) -> None:
         """Returns a leased delivery to its queue, deliverable again after `delay_s`.
@@ -554,9 +565,9 @@ class Client:
         try:
             self._run(calls.nack(message, delay_s))
         except errors.FailedPrecondition:
-            _settled([message], acked=False)
+            settle_streams([message], acked=False)
             raise
-        _settled([message], acked=False)
+        settle_streams([message], acked=False)
 
     def extend(self, message: Message, seconds: float) -> None:
         """Moves a lease's deadline to `seconds` from now."""
@@ -608,10 +619,3 @@ class Client:
                 continue
             plan.succeeded(step.address)
             return call.result(response)
-
-
-def _settled(messages: Iterable[Message], *, acked: bool) -> None:
-    """Tells the streams the acked or nacked deliveries came from (each grants credit back)."""
-    for message in messages:
-        if message._stream is not None:
-            message._stream.settled(message, acked=acked)

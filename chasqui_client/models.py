@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import enum
 import inspect
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Protocol, cast
@@ -150,6 +150,13 @@ class Message:
             sequence=self.sequence,
             delivery_count=self.delivery_count,
         )
+
+
+def settle_streams(messages: Iterable[Message], *, acked: bool) -> None:
+    """Tells the streams the acked or nacked deliveries came from (each grants credit back)."""
+    for message in messages:
+        if message._stream is not None:
+            message._stream.settled(message, acked=acked)
 
 
 class Processing:

@@ -10,6 +10,12 @@ only check that what they measured was confirmed. Compare ratios measured in the
 - failover: SIGKILL of the leader, time until the client's next publish is confirmed (p50 and
   p99 over 8 kills; the target is p99 under 1.5 s).
 Each runs with `--fsync always` and `--fsync never` so the price of durability is visible.
+With `--fsync always` only:
+- producers: 1, 4 and 16 concurrent producers (one client each), one confirmed publish per call.
+- 1 MiB messages: sync publishes of 1 MiB bodies (MB/s, p50), read back and compared.
+- backlog: 1,000,000 messages of 1 KiB into one queue (publish_many, 500 per call), the publish
+  rate over the first and the last 100,000, and each node's RSS at the end.
+The shared peer harness (W1-W4 beside NATS JetStream and RabbitMQ) is `make bench-peers`.
 """
 
 from __future__ import annotations
@@ -135,4 +141,122 @@ def test_failover_time(cluster: tuple[str, Cluster]) -> None:
         fsync,
         f"failover ({FAILOVER_KILLS} leader kills)",
         f"p50 {statistics.median(gaps):.2f} s  p99 {percentile(gaps, 0.99):.2f} s",
+    )
+
+
+@pytest.fixture
+def durable(tmp_path: Path) -> Iterator[Cluster]:
+    running = Cluster(tmp_path, extra_args=["--fsync", "always"])
+    try:
+        running.start()
+        yield running
+    finally:
+        running.close()
+
+
+PRODUCER_SECONDS = 5.0
+
+
+@pytest.mark.parametrize("producers", [1, 4, 16])
+def test_concurrent_producers(durable: Cluster, producers: int) -> None:
+    clients = [durable.client() for _ in range(producers)]
+    clients[0].create_queue("bench")
+    for client in clients:
+        client.publish_queue("bench", BODY)  # warm up
+    counts = [0] * producers
+
+    def produce(number: int, stop_at: float) -> None:
+        while time.monotonic() < stop_at:
+            clients[number].publish_queue("bench", BODY)
+            counts[number] += 1
+
+    stop_at = time.monotonic() + PRODUCER_SECONDS
+    started = time.monotonic()
+    threads = [threading.Thread(target=produce, args=(i, stop_at)) for i in range(producers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=PRODUCER_SECONDS + 60)
+    elapsed = time.monotonic() - started
+    record("always", f"producers x{producers} (sync)", f"{sum(counts) / elapsed:8.0f} msg/s")
+
+
+LARGE_COUNT = 40
+
+
+def test_one_mib_messages(durable: Cluster) -> None:
+    client = durable.client(call_timeout_s=60)
+    client.create_queue("large")
+    bodies = [bytes([i]) * (1024 * 1024) for i in range(LARGE_COUNT)]
+    latencies = []
+    started = time.monotonic()
+    for body in bodies:
+        sent = time.perf_counter()
+        client.publish_queue("large", body)
+        latencies.append(time.perf_counter() - sent)
+    elapsed = time.monotonic() - started
+    received = []
+    while len(received) < LARGE_COUNT:
+        batch = client.consume_many_queue("large", 4, timeout_s=5)
+        assert batch, f"queue ran dry after {len(received)} of {LARGE_COUNT}"
+        received.extend(batch)
+        client.ack(batch)
+    assert sorted(m.body for m in received) == sorted(bodies)
+    record(
+        "always",
+        "1 MiB messages (sync)",
+        f"{LARGE_COUNT / elapsed:6.1f} msg/s = {LARGE_COUNT / elapsed:.1f} MiB/s"
+        f"  p50 {percentile(latencies, 0.5) * 1000:.0f} ms",
+    )
+
+
+BACKLOG = 1_000_000
+BACKLOG_BODY = b"b" * 1024
+BACKLOG_BATCH = 500
+BACKLOG_THREADS = 4
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def test_million_message_backlog(durable: Cluster) -> None:
+    client = durable.client(call_timeout_s=60)
+    client.create_queue("backlog")
+    lock = threading.Lock()
+    published = 0
+    marks: dict[int, float] = {}  # messages published -> when
+
+    def produce() -> None:
+        nonlocal published
+        while True:
+            with lock:
+                if published >= BACKLOG:
+                    return
+                published += BACKLOG_BATCH
+            client.publish_many_queue("backlog", [BACKLOG_BODY] * BACKLOG_BATCH)
+            with lock:
+                marks[len(marks) * BACKLOG_BATCH] = time.monotonic()
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=produce) for _ in range(BACKLOG_THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=3600)
+    elapsed = time.monotonic() - started
+    depth = next(q.depth for q in client.list_queues() if q.name == "backlog")
+    assert depth == BACKLOG
+    window = 100_000
+    first = window / (marks[window] - started)
+    last = window / (marks[BACKLOG - BACKLOG_BATCH] - marks[BACKLOG - BACKLOG_BATCH - window])
+    rss = [rss_mb(node.process.pid) for node in durable.nodes.values() if node.process]
+    record(
+        "always",
+        "1M x 1 KiB backlog",
+        f"{BACKLOG / elapsed:8.0f} msg/s; first 100k {first:.0f}, last 100k {last:.0f} msg/s;"
+        f" node RSS {', '.join(f'{mb:.0f}' for mb in rss)} MB",
     )

@@ -268,3 +268,53 @@ def test_topic_stream_delivers_in_order_and_a_cumulative_ack_returns_all_credit(
         assert stream.unacked == 0
         rest = [next(stream) for _ in range(4)]
         assert [m.text for m in rest] == ["n4", "n5", "n6", "n7"]
+
+
+def test_acker_acks_a_whole_stream_one_message_at_a_time(client: Client) -> None:
+    client.create_queue("jobs")
+    client.publish_many_queue("jobs", [f"j{i}" for i in range(1200)])
+    seen: list[str] = []
+    with client.stream_queue("jobs", window=100) as stream, client.acker() as acker:
+        for message in stream:
+            seen.append(message.text)
+            acker.ack(message)  # returns at once; credit comes back as batches confirm
+            if len(seen) == 1200:
+                break
+    # close() flushed: every ack is applied, so nothing is left to redeliver
+    assert sorted(seen) == sorted(f"j{i}" for i in range(1200))
+    assert acker.unconfirmed == 0 and acker.refused_batches == 0
+    assert next(q.depth for q in client.list_queues() if q.name == "jobs") == 0
+
+
+def test_acker_moves_past_an_expired_lease_and_the_message_comes_again(
+    broker: Broker, client: Client
+) -> None:
+    client.create_queue("jobs", visibility_timeout_s=1)
+    client.publish_queue("jobs", b"slow")
+    message = client.consume_queue("jobs", timeout_s=1)
+    assert message is not None
+    broker.clock.advance(2000)  # the lease ends before the ack
+    with client.acker() as acker:
+        acker.ack(message)
+        assert acker.flush(timeout_s=10)
+        assert acker.refused_batches == 1
+    again = client.consume_queue("jobs", timeout_s=2)
+    assert again is not None and again.body == b"slow" and again.delivery_count == 2
+
+
+def test_acker_raises_a_failure_at_flush_and_refuses_after_close(broker: Broker) -> None:
+    client = Client([f"127.0.0.1:{broker.port}"], call_timeout_s=1)
+    client.create_queue("jobs")
+    client.publish_queue("jobs", b"x")
+    message = client.consume_queue("jobs", timeout_s=1)
+    assert message is not None
+    acker = client.acker()
+    broker.replication.become_follower(None)  # no leader: the ack cannot land
+    acker.ack(message)
+    with pytest.raises(errors.ChasquiError):
+        acker.flush(timeout_s=30)
+    broker.replication.become_leader()
+    acker.close(timeout_s=10)
+    with pytest.raises(RuntimeError):
+        acker.ack(message)
+    client.close()

@@ -1,0 +1,148 @@
+"""Pipelined acks: `ack(message)` returns at once, acks travel in Ack calls of up to 1000.
+
+    stream = client.stream_queue("jobs", window=1000)
+    with client.acker() as acker:
+        for message in stream:
+            handle(message)
+            acker.ack(message)        # no round trip here
+    # leaving the block flushed every ack (or raised what stopped them)
+
+One sender thread takes every ack waiting (up to ack_batch_max) into one Ack call, sent through
+the client's usual routing and retries; while that call is in flight the next batch gathers. A
+stream's credit comes back when the ack of its delivery is confirmed, exactly as with
+`Client.ack`.
+
+Outcomes. A delivery whose lease ended before its ack arrived is delivered again, whatever
+happens here (at-least-once). An Ack call refused for such a delivery (FailedPrecondition)
+still applied the other acks of its batch (each is its own command), so the sender moves on and
+counts the batch in `refused_batches`. Any other failure (the cluster unreachable past the
+retry budget) is kept and raised by the next `flush` or `close`; those deliveries come again
+after their lease.
+
+Threads: `ack`, `flush` and `close` may be called from any thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from chasqui_client import calls, errors, limits
+from chasqui_client.models import Message, settle_streams
+
+if TYPE_CHECKING:
+    from chasqui_client.client import Client
+
+
+class Acker:
+    """Acks deliveries in pipelined batches; see the module docstring."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._condition = threading.Condition()
+        self._pending: collections.deque[Message] = collections.deque()
+        self._accepted = 0  # acks ever taken by ack()
+        self._done = 0  # acks whose call finished, either way
+        self._failure: errors.ChasquiError | None = None  # raised by the next flush/close
+        self.refused_batches = 0  # batches with an ack of a delivery whose lease had ended
+        self._closed = False
+        self._sender = threading.Thread(target=self._send_loop, name="chasqui-acker", daemon=True)
+        self._sender.start()
+
+    def ack(self, message: Message) -> None:
+        """Queues the ack of one delivery and returns at once. Raises `RuntimeError` once the
+        acker is closed."""
+        with self._condition:
+            if self._closed:
+                raise RuntimeError("acker is closed")
+            self._pending.append(message)
+            self._accepted += 1
+            self._condition.notify_all()
+
+    @property
+    def unconfirmed(self) -> int:
+        """Acks taken whose call has not finished yet."""
+        with self._condition:
+            return self._accepted - self._done
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Waits until every ack taken so far was sent and answered; False on timeout. Raises
+        the failure that stopped an earlier batch, once."""
+        with self._condition:
+            target = self._accepted
+            finished = self._condition.wait_for(lambda: self._done >= target, timeout=timeout_s)
+            failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
+        return finished
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Flushes, then stops the sender. Later `ack` calls raise `RuntimeError`."""
+        try:
+            self.flush(timeout_s)
+        finally:
+            with self._condition:
+                self._closed = True
+                self._condition.notify_all()
+            self._sender.join(timeout_s)
+
+    def abort(self) -> None:
+        """Stops at once (the client is closing): unsent acks are dropped; their deliveries
+        come again after their lease."""
+        with self._condition:
+            self._closed = True
+            self._done += len(self._pending)
+            self._pending.clear()
+            self._condition.notify_all()
+
+    @property
+    def finished(self) -> bool:
+        return self._closed and not self._sender.is_alive()
+
+    def __enter__(self) -> Acker:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ---- the sender thread -----------------------------------------------------------------
+
+    def _send_loop(self) -> None:
+        while True:
+            with self._condition:
+                self._condition.wait_for(lambda: bool(self._pending) or self._closed)
+                if not self._pending:
+                    return
+                count = min(len(self._pending), limits.ACK_BATCH_MAX)
+                batch = [self._pending.popleft() for _ in range(count)]
+            self._send(batch)
+
+    def _send(self, batch: list[Message]) -> None:
+        failure: errors.ChasquiError | None = None
+        refused = False
+        try:
+            [(_chunk, call)] = calls.acks(batch)  # one call: a batch is at most ack_batch_max
+            self._client._run(call)
+        except errors.FailedPrecondition:
+            refused = True  # some lease had ended; the other acks of the batch were applied
+        except errors.ChasquiError as error:
+            failure = error
+        except Exception as error:  # the thread boundary: keep it for flush()
+            failure = errors.ChasquiError(f"acks failed: {error!r}")
+        if failure is None:
+            # Either way these deliveries are no longer held: give their credit back (a refused
+            # topic ack rewound the subscription, which acked=False tells the stream).
+            settle_streams(batch, acked=not refused)
+        with self._condition:
+            self.refused_batches += refused
+            self._done += len(batch)
+            if failure is not None and self._failure is None:
+                self._failure = failure
+            self._condition.notify_all()
