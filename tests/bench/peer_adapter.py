@@ -27,7 +27,8 @@ from bench import BrokerAdapter, Pacer, e2e_latency_s, make_e2e_body, now
 
 from chasqui_client import Client
 
-QUEUE = "bench-q"  # the harness's "bench.q": Chasqui names allow no dots
+# The harness's "bench.q" (Chasqui names allow no dots), one per run: each run is a new user.
+QUEUE = f"bench-q-{os.getpid()}"
 ENDPOINTS = os.environ.get(
     "CHASQUI_ENDPOINTS", "127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103"
 ).split(",")
@@ -39,11 +40,11 @@ class ChasquiAdapter(BrokerAdapter):
 
     def setup(self) -> dict[str, object]:
         self.client = Client(ENDPOINTS, call_timeout_s=30)
-        self.client.create_queue(QUEUE, exist_ok=True)
+        self.client.create_queue(QUEUE)
         return {
             "queue": f"{QUEUE}, replicated by Raft on {len(ENDPOINTS)} nodes",
             "confirm": "committed on a majority, fsynced (--fsync always)",
-            "leader": self.client.leader(),
+            "leader": self.client.leader,
         }
 
     def purge(self) -> None:
