@@ -7,8 +7,9 @@
             acker.ack(message)        # no round trip here
     # leaving the block flushed every ack (or raised what stopped them)
 
-One sender thread takes every ack waiting (up to ack_batch_max) into one Ack call, sent through
-the client's usual routing and retries; while that call is in flight the next batch gathers. A
+Sender threads (`ACKER_CALLS_IN_FLIGHT`) each take every ack waiting (up to ack_batch_max) into
+one Ack call, sent through the client's usual routing and retries; while calls are in flight
+the next batch gathers. Acks need no order, so several calls overlap their Raft rounds. A
 stream's credit comes back when the ack of its delivery is confirmed, exactly as with
 `Client.ack`.
 
@@ -48,8 +49,12 @@ class Acker:
         self._failure: errors.ChasquiError | None = None  # raised by the next flush/close
         self.refused_batches = 0  # batches with an ack of a delivery whose lease had ended
         self._closed = False
-        self._sender = threading.Thread(target=self._send_loop, name="chasqui-acker", daemon=True)
-        self._sender.start()
+        self._senders = [
+            threading.Thread(target=self._send_loop, name="chasqui-acker", daemon=True)
+            for _ in range(limits.ACKER_CALLS_IN_FLIGHT)
+        ]
+        for sender in self._senders:
+            sender.start()
 
     def ack(self, message: Message) -> None:
         """Queues the ack of one delivery and returns at once. Raises `RuntimeError` once the
@@ -86,7 +91,8 @@ class Acker:
             with self._condition:
                 self._closed = True
                 self._condition.notify_all()
-            self._sender.join(timeout_s)
+            for sender in self._senders:
+                sender.join(timeout_s)
 
     def abort(self) -> None:
         """Stops at once (the client is closing): unsent acks are dropped; their deliveries
@@ -99,7 +105,7 @@ class Acker:
 
     @property
     def finished(self) -> bool:
-        return self._closed and not self._sender.is_alive()
+        return self._closed and not any(sender.is_alive() for sender in self._senders)
 
     def __enter__(self) -> Acker:
         return self

@@ -35,6 +35,7 @@ ITER_WAIT_S_DEFAULT = 20.0  # long-poll of an iterator; it polls again when this
 STREAM_WINDOW_DEFAULT = 100  # unacked deliveries a streaming subscription holds
 STREAM_CREDIT_MAX = 10_000  # the node's cap on a stream's credit (its limits.STREAM_CREDIT_MAX)
 STREAM_HEALTHY_S = 2.0  # a stream that lived this long was connected: its failures start afresh
+ACKER_CALLS_IN_FLIGHT = 4  # Ack calls one Acker overlaps (acks need no order)
 PUBLISHER_WINDOW_DEFAULT = 1000  # messages a pipelined publisher holds unconfirmed
 PUBLISHER_WINDOW_MAX = 100_000  # bounds the memory of the futures and bodies it holds
 PUBLISHER_LINGER_S_DEFAULT = 0.002  # an idle publisher waits this long to fill its first batch

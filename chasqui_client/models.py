@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import enum
 import inspect
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Protocol, cast
@@ -83,7 +83,7 @@ class DeliverySink(Protocol):
     """A streaming subscription, told when one of its deliveries was acked (`acked=True`) or
     given back so it can grant the broker more credit."""
 
-    def settled(self, message: Message, *, acked: bool) -> None: ...
+    def settled(self, messages: Sequence[Message], *, acked: bool) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -154,9 +154,12 @@ class Message:
 
 def settle_streams(messages: Iterable[Message], *, acked: bool) -> None:
     """Tells the streams the acked or nacked deliveries came from (each grants credit back)."""
+    by_stream: dict[int, tuple[DeliverySink, list[Message]]] = {}
     for message in messages:
         if message._stream is not None:
-            message._stream.settled(message, acked=acked)
+            by_stream.setdefault(id(message._stream), (message._stream, []))[1].append(message)
+    for stream, settled in by_stream.values():
+        stream.settled(settled, acked=acked)
 
 
 class Processing:

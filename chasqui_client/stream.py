@@ -40,7 +40,7 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -139,20 +139,21 @@ class Stream:
 
     # ---- credit ----------------------------------------------------------------------------
 
-    def settled(self, message: Message, *, acked: bool) -> None:
-        """Called by the client after an ack or nack of one of this stream's deliveries."""
+    def settled(self, messages: Sequence[Message], *, acked: bool) -> None:
+        """Called by the client after an ack or nack of some of this stream's deliveries: one
+        credit grant for all of them (one stream message, however many were acked)."""
         with self._lock:
-            key = (message.sequence, message.delivery_count)
+            before = len(self._outstanding)
             if self.kind is Kind.TOPIC and acked:
-                # Cumulative: everything up to this offset is acked now.
-                done = {item for item in self._outstanding if item[0] <= message.sequence}
+                # Cumulative: everything up to the highest offset acked is done.
+                highest = max(message.sequence for message in messages)
+                self._outstanding = {item for item in self._outstanding if item[0] > highest}
             elif self.kind is Kind.TOPIC:
                 # A topic nack rewinds the window: every unacked delivery will come again.
-                done = set(self._outstanding)
+                self._outstanding.clear()
             else:
-                done = {key} & self._outstanding
-            self._outstanding -= done
-            self._grant(len(done))
+                self._outstanding -= {(m.sequence, m.delivery_count) for m in messages}
+            self._grant(before - len(self._outstanding))
 
     def _grant(self, credit: int) -> None:
         """Sends `credit` to the open stream. Call with the lock held; if no stream is open the
