@@ -19,7 +19,8 @@ off; anything else that fails its check (a bad CRC with valid data after it, a g
 indexes) raises `JournalCorrupt`, and the node must stop rather than serve or vote with it.
 
 Memory stays bounded: only each record's location is kept in RAM, entries are read back from
-the file on demand, with a small cache of the newest ones (the ones Raft reads most).
+the file on demand, with a small cache of the newest ones (the ones Raft reads most), bounded
+in count and in bytes.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ _HEADER = struct.Struct(">IIQQ")  # length, crc32, index, term
 _CRC_PART = struct.Struct(">QQ")
 SEGMENT_BYTES_MAX = 64 * 1024 * 1024  # roll to a new segment past this; old ones are deleted whole
 RECORD_BYTES_MAX = 64 * 1024 * 1024  # a larger length field can only be corruption
-CACHE_ENTRIES = 1024  # newest entries kept decoded in RAM
+CACHE_ENTRIES = 1024  # newest entries kept in RAM...
+CACHE_BYTES_MAX = 32 * 1024 * 1024  # ...within this many bytes (entries of big batches are MBs)
 
 Entry = tuple[bytes, int, int]  # (command, index, term), the shape pysyncobj uses
 
@@ -132,6 +134,7 @@ class Journal:
         self._meta: dict[str, Any] = self._read_meta()
         self._locations: list[_Location] = []
         self._cache: OrderedDict[int, bytes] = OrderedDict()  # raft index -> command
+        self._cache_bytes = 0
         self._segments: list[int] = []  # first index of each segment file, ascending
         self._tail_file: int | None = None  # descriptor of the last segment, for appends
         self._tail_size = 0
@@ -296,10 +299,19 @@ class Journal:
         return raw
 
     def _remember(self, index: int, command: bytes) -> None:
+        self._forget(index)
         self._cache[index] = command
-        self._cache.move_to_end(index)
-        while len(self._cache) > CACHE_ENTRIES:
-            self._cache.popitem(last=False)
+        self._cache_bytes += len(command)
+        while len(self._cache) > CACHE_ENTRIES or (
+            self._cache_bytes > CACHE_BYTES_MAX and len(self._cache) > 1
+        ):
+            _oldest, dropped = self._cache.popitem(last=False)
+            self._cache_bytes -= len(dropped)
+
+    def _forget(self, index: int) -> None:
+        dropped = self._cache.pop(index, None)
+        if dropped is not None:
+            self._cache_bytes -= len(dropped)
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -348,7 +360,7 @@ class Journal:
         cut = self._locations[position]
         del self._locations[position:]
         for index in [index for index in self._cache if index >= cut.index]:
-            del self._cache[index]
+            self._forget(index)
         for segment in [s for s in self._segments if s > cut.segment]:
             self._delete_segment(segment)
         self._open_tail(cut.segment)
@@ -387,6 +399,7 @@ class Journal:
             self._delete_segment(segment)
         self._locations.clear()
         self._cache.clear()
+        self._cache_bytes = 0
         self._meta["first_index"] = 0
         self._write_meta()
         if self._fsync:

@@ -558,6 +558,30 @@ def test_small_cache_does_not_change_results(
     journal.close()
 
 
+def test_cache_holds_at_most_its_bytes_and_keeps_the_newest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Entries of big batches are megabytes: a count bound alone let 1,024 of them pin
+    hundreds of MB on every node (seen with a 1M x 1 KiB backlog)."""
+    monkeypatch.setattr(journal_module, "CACHE_BYTES_MAX", 3000)
+    journal = Journal(tmp_path)
+    commands = [bytes([index]) * 1000 for index in range(10)]
+    for index, command in enumerate(commands, start=1):
+        journal.append(command, index, 1)
+        assert journal._cache_bytes == sum(len(c) for c in journal._cache.values()) <= 3000
+    assert list(journal._cache) == [8, 9, 10]
+    assert journal.entry(0) == (commands[0], 1, 1)  # read back from disk, then cached
+    assert list(journal._cache) == [9, 10, 1]
+    journal.truncate_from(8)
+    assert list(journal._cache) == [1] and journal._cache_bytes == 1000
+    one_big = b"x" * 5000  # bigger than the bound: kept alone, the newest
+    journal.append(one_big, 9, 2)
+    assert list(journal._cache) == [9] and journal._cache_bytes == 5000
+    journal.clear()
+    assert journal._cache_bytes == 0
+    journal.close()
+
+
 def test_without_fsync_everything_still_works(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
