@@ -37,8 +37,8 @@ FIGURES: list[tuple[str, str, tuple[str, ...], bool]] = [
     ("W3 consume + ack, msg/s", "W3_consume_ack", ("msgs_per_s",), True),
     ("W4 end-to-end p50, ms", "W4_e2e", ("latency", "p50_ms"), False),
     ("W4 end-to-end p99, ms", "W4_e2e", ("latency", "p99_ms"), False),
-    ("W2 server CPU, % of a core", "W2_publish_pipelined", ("server_cpu_pct_total",), False),
-    ("W3 server CPU, % of a core", "W3_consume_ack", ("server_cpu_pct_total",), False),
+    ("W2 server CPU per message, us", "W2_publish_pipelined", ("cpu_us_per_msg",), False),
+    ("W3 server CPU per message, us", "W3_consume_ack", ("cpu_us_per_msg",), False),
 ]
 
 
@@ -84,6 +84,10 @@ def figure(result: dict[str, Any], workload: str, path: tuple[str, ...]) -> floa
     values = []
     for round_result in result.get("rounds", []):
         value: Any = round_result.get(workload)
+        if path == ("cpu_us_per_msg",) and isinstance(value, dict):
+            # The three servers' CPU (% of one core) over the measured interval, per message.
+            cpu, rate = value.get("server_cpu_pct_total"), value.get("msgs_per_s")
+            value = {"cpu_us_per_msg": cpu / 100 * 1e6 / rate} if cpu and rate else None
         for key in path:
             value = value.get(key) if isinstance(value, dict) else None
         if isinstance(value, int | float):
