@@ -27,17 +27,16 @@ from __future__ import annotations
 
 import collections
 import threading
-from types import TracebackType
 from typing import TYPE_CHECKING
 
 from chasqui_client import calls, errors, limits
-from chasqui_client.models import Message, settle_streams
+from chasqui_client.models import ClosedOnExit, Message, settle_streams
 
 if TYPE_CHECKING:
     from chasqui_client.client import Client
 
 
-class Acker:
+class Acker(ClosedOnExit):
     """Acks deliveries in pipelined batches; see the module docstring."""
 
     def __init__(self, client: Client) -> None:
@@ -106,17 +105,6 @@ class Acker:
     @property
     def finished(self) -> bool:
         return self._closed and not any(sender.is_alive() for sender in self._senders)
-
-    def __enter__(self) -> Acker:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # ---- the sender thread -----------------------------------------------------------------
 

@@ -29,7 +29,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from types import TracebackType
 from typing import TYPE_CHECKING
 
 import grpc
@@ -38,6 +37,7 @@ from chasqui_client import calls, errors, limits, routing
 from chasqui_client.calls import ResponseT, ResultT
 from chasqui_client.calls import split_batches as _split_batches
 from chasqui_client.models import (
+    ClosedOnExit,
     ClusterStatus,
     Kind,
     Message,
@@ -111,7 +111,7 @@ class _Endpoint:
         self.channel.close()
 
 
-class Client:
+class Client(ClosedOnExit):
     """A connection to a Chasqui cluster as one user.
 
     `endpoints` are the nodes' client addresses ("host:port"); any one reachable node is enough,
@@ -191,17 +191,6 @@ class Client:
     @property
     def closed(self) -> bool:
         return self._router.closed
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     @property
     def endpoints(self) -> list[str]:

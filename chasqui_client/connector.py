@@ -36,15 +36,14 @@ Deliberate differences from the original client:
 
 from __future__ import annotations
 
-from types import TracebackType
-
 from chasqui_client import errors, limits
 from chasqui_client.client import Client
+from chasqui_client.models import ClosedOnExit
 
 RETRY_WAIT_S_DEFAULT = 30.0  # how long `enable_retry=True` waits for a message in all
 
 
-class ChasquiConnector:
+class ChasquiConnector(ClosedOnExit):
     """The original client's method names over a `Client`; see the module docstring."""
 
     def __init__(
@@ -85,17 +84,6 @@ class ChasquiConnector:
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
-
-    def __enter__(self) -> ChasquiConnector:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # ---- users -----------------------------------------------------------------------------
 

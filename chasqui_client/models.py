@@ -10,7 +10,7 @@ import inspect
 from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Protocol, cast
+from typing import Protocol, Self, cast
 
 from chasqui_proto import chasqui_pb2
 
@@ -58,6 +58,24 @@ class Receipt:
     @staticmethod
     def from_proto(receipt: chasqui_pb2.Receipt) -> Receipt:
         return Receipt(sequence=receipt.sequence, duplicate=receipt.duplicate)
+
+
+class ClosedOnExit:
+    """`with resource:` calls its `close()` on leaving the block, however it is left."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
 
 
 class SyncOwner(Protocol):

@@ -29,11 +29,10 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from types import TracebackType
 from typing import TYPE_CHECKING
 
 from chasqui_client import calls, errors, limits
-from chasqui_client.models import Kind, Receipt
+from chasqui_client.models import ClosedOnExit, Kind, Receipt
 
 if TYPE_CHECKING:
     from chasqui_client.client import Client
@@ -46,7 +45,7 @@ class _Pending:
     future: Future[Receipt]
 
 
-class Publisher:
+class Publisher(ClosedOnExit):
     """Publishes to one queue or topic in pipelined batches; see the module docstring."""
 
     def __init__(
@@ -138,17 +137,6 @@ class Publisher:
     @property
     def finished(self) -> bool:
         return self._closed and not self._sender.is_alive()
-
-    def __enter__(self) -> Publisher:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # ---- the sender thread -----------------------------------------------------------------
 

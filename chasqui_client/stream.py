@@ -41,13 +41,12 @@ import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from types import TracebackType
 from typing import TYPE_CHECKING
 
 import grpc
 
 from chasqui_client import calls, errors, limits, routing
-from chasqui_client.models import Kind, Message
+from chasqui_client.models import ClosedOnExit, Kind, Message
 from chasqui_proto import chasqui_pb2
 
 if TYPE_CHECKING:
@@ -56,7 +55,7 @@ if TYPE_CHECKING:
 _DeliveryKey = tuple[int, int]  # (sequence, delivery_count)
 
 
-class Stream:
+class Stream(ClosedOnExit):
     """An iterator of pushed deliveries; see the module docstring for credit and failover."""
 
     def __init__(
@@ -125,17 +124,6 @@ class Stream:
     @property
     def finished(self) -> bool:
         return self._closed
-
-    def __enter__(self) -> Stream:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # ---- credit ----------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -46,6 +46,25 @@ RESULTS: list[tuple[str, str, str]] = []
 def percentile(samples: list[float], fraction: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def for_seconds(seconds: float, threads: int, step: Callable[[int], int]) -> tuple[int, float]:
+    """Run `step(thread)` in a loop on `threads` threads for `seconds`; each call returns the
+    messages it moved. Returns (messages, messages per second)."""
+    counts = [0] * threads
+    stop_at = time.monotonic() + seconds
+
+    def loop(thread: int) -> None:
+        while time.monotonic() < stop_at:
+            counts[thread] += step(thread)
+
+    started = time.monotonic()
+    workers = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=seconds + 60)
+    return sum(counts), sum(counts) / (time.monotonic() - started)
 
 
 def record(fsync: str, workload: str, figure: str) -> None:
@@ -94,24 +113,14 @@ def test_publish_and_consume_throughput(cluster: tuple[str, Cluster]) -> None:
         f"  p99 {percentile(latencies, 0.99) * 1000:.2f} ms",
     )
 
-    counts = [0] * W2_THREADS
+    def publish_batch(_thread: int) -> int:
+        client.publish_many_queue("bench", [BODY] * BATCH)
+        return BATCH
 
-    def produce(thread: int, stop_at: float) -> None:
-        while time.monotonic() < stop_at:
-            client.publish_many_queue("bench", [BODY] * BATCH)
-            counts[thread] += BATCH
+    published, rate = for_seconds(W2_SECONDS, W2_THREADS, publish_batch)
+    record(fsync, f"W2 batched publish x{W2_THREADS}", f"{rate:8.0f} msg/s")
 
-    stop_at = time.monotonic() + W2_SECONDS
-    started = time.monotonic()
-    threads = [threading.Thread(target=produce, args=(i, stop_at)) for i in range(W2_THREADS)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=W2_SECONDS + 60)
-    elapsed = time.monotonic() - started
-    record(fsync, f"W2 batched publish x{W2_THREADS}", f"{sum(counts) / elapsed:8.0f} msg/s")
-
-    total = len(latencies) + 1 + sum(counts)
+    total = len(latencies) + 1 + published
     consumed = 0
     started = time.monotonic()
     while consumed < total:
@@ -163,22 +172,13 @@ def test_concurrent_producers(durable: Cluster, producers: int) -> None:
     clients[0].create_queue("bench")
     for client in clients:
         client.publish_queue("bench", BODY)  # warm up
-    counts = [0] * producers
 
-    def produce(number: int, stop_at: float) -> None:
-        while time.monotonic() < stop_at:
-            clients[number].publish_queue("bench", BODY)
-            counts[number] += 1
+    def publish_one(thread: int) -> int:
+        clients[thread].publish_queue("bench", BODY)
+        return 1
 
-    stop_at = time.monotonic() + PRODUCER_SECONDS
-    started = time.monotonic()
-    threads = [threading.Thread(target=produce, args=(i, stop_at)) for i in range(producers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=PRODUCER_SECONDS + 60)
-    elapsed = time.monotonic() - started
-    record("always", f"producers x{producers} (sync)", f"{sum(counts) / elapsed:8.0f} msg/s")
+    _published, rate = for_seconds(PRODUCER_SECONDS, producers, publish_one)
+    record("always", f"producers x{producers} (sync)", f"{rate:8.0f} msg/s")
 
 
 LARGE_COUNT = 40
