@@ -510,6 +510,35 @@ def _stop_processes(processes: list[subprocess.Popen[bytes]]) -> None:
             process.wait()
 
 
+def _client_tls_options(command: Any) -> Any:
+    """--tls-ca, --tls-cert and --tls-key, for commands that call the nodes' client port."""
+    for option in (
+        click.option(
+            "--tls-key",
+            type=click.Path(dir_okay=False, exists=True, path_type=Path),
+            default=None,
+            envvar="CHASQUI_TLS_CLIENT_KEY",
+            help="Private key of --tls-cert.",
+        ),
+        click.option(
+            "--tls-cert",
+            type=click.Path(dir_okay=False, exists=True, path_type=Path),
+            default=None,
+            envvar="CHASQUI_TLS_CLIENT_CERT",
+            help="Client certificate for nodes that require mutual TLS (with --tls-key).",
+        ),
+        click.option(
+            "--tls-ca",
+            type=click.Path(dir_okay=False, exists=True, path_type=Path),
+            default=None,
+            envvar="CHASQUI_TLS_CA",
+            help="Connect over TLS, trusting this PEM CA bundle.",
+        ),
+    ):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.option(
     "--endpoints",
@@ -518,27 +547,7 @@ def _stop_processes(processes: list[subprocess.Popen[bytes]]) -> None:
     help="Client addresses, comma separated.",
 )
 @click.option("--timeout-s", default=2.0, show_default=True)
-@click.option(
-    "--tls-ca",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    default=None,
-    envvar="CHASQUI_TLS_CA",
-    help="Connect over TLS, trusting this PEM CA bundle.",
-)
-@click.option(
-    "--tls-cert",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    default=None,
-    envvar="CHASQUI_TLS_CLIENT_CERT",
-    help="Client certificate for nodes that require mutual TLS (with --tls-key).",
-)
-@click.option(
-    "--tls-key",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    default=None,
-    envvar="CHASQUI_TLS_CLIENT_KEY",
-    help="Private key of --tls-cert.",
-)
+@_client_tls_options
 def status(
     endpoints: str,
     timeout_s: float,
@@ -608,6 +617,7 @@ def members() -> None:
 
 
 def _members_options(command: Any) -> Any:
+    command = _client_tls_options(command)  # listed after the options below
     for option in reversed(
         [
             click.option(
@@ -623,27 +633,6 @@ def _members_options(command: Any) -> Any:
                 help=f"File holding an admin key (default: ${ADMIN_KEY_ENV}).",
             ),
             click.option("--timeout-s", default=15.0, show_default=True),
-            click.option(
-                "--tls-ca",
-                type=click.Path(dir_okay=False, exists=True, path_type=Path),
-                default=None,
-                envvar="CHASQUI_TLS_CA",
-                help="Connect over TLS, trusting this PEM CA bundle.",
-            ),
-            click.option(
-                "--tls-cert",
-                type=click.Path(dir_okay=False, exists=True, path_type=Path),
-                default=None,
-                envvar="CHASQUI_TLS_CLIENT_CERT",
-                help="Client certificate for nodes that require mutual TLS (with --tls-key).",
-            ),
-            click.option(
-                "--tls-key",
-                type=click.Path(dir_okay=False, exists=True, path_type=Path),
-                default=None,
-                envvar="CHASQUI_TLS_CLIENT_KEY",
-                help="Private key of --tls-cert.",
-            ),
         ]
     ):
         command = option(command)
