@@ -70,7 +70,13 @@ from chasqui_node.errors import (
 from chasqui_node.journal import Entry as JournalEntry
 from chasqui_node.journal import Journal, JournalCorrupt, fsync_directory
 from chasqui_node.state_machine import StateMachine, Store
-from chasqui_node.storage import SnapshotCorrupt, Storage, StorageError, read_snapshot_header
+from chasqui_node.storage import (
+    SnapshotCorrupt,
+    Storage,
+    StorageError,
+    VerifiedSnapshot,
+    read_snapshot_header,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -591,10 +597,14 @@ class Replicator:
 
         data_dir.mkdir(parents=True, exist_ok=True)
         snapshot_path = data_dir / "raft.snapshot"
+        # A snapshot verified here or by `_accept_snapshot`, with its file's identity, handed to
+        # the `_read_snapshot` pysyncobj calls next, so the same file is not hashed twice.
+        self._verified_snapshot: tuple[tuple[int, int, int], VerifiedSnapshot] | None = None
         if snapshot_path.exists():
             # Verify before anything starts: a node must not serve or vote on top of a
             # snapshot it cannot trust (raises SnapshotCorrupt, a StorageError).
-            read_snapshot_header(str(snapshot_path))
+            verified = read_snapshot_header(str(snapshot_path))
+            self._verified_snapshot = (_file_identity(str(snapshot_path)), verified)
         self._raft_log = _DurableRaftLog(
             Journal(data_dir / "journal", fsync=fsync, on_sync=on_journal_sync),
             data_dir,
@@ -818,8 +828,8 @@ class Replicator:
         when its last entry is applied here already, or is in this node's log (then the
         entries up to it agree with the leader's, and the ones after it may be acknowledged)."""
         try:
-            _header, raft_data, _offset, _length = read_snapshot_header(path)
-            _command, last_index, last_term = pickle.loads(raft_data)[0]
+            verified = read_snapshot_header(path)
+            _command, last_index, last_term = pickle.loads(verified[1])[0]
         except (
             SnapshotCorrupt,
             pickle.UnpicklingError,
@@ -840,13 +850,19 @@ class Replicator:
                 applied,
             )
             return False
+        self._verified_snapshot = (_file_identity(path), verified)  # a rename keeps it
         return True
 
     def _read_snapshot(self, path: str) -> Any:
         # Called by pysyncobj on the tick thread at start-up and when a leader installs a
         # snapshot on this follower. A corrupt snapshot must never be served or voted on.
+        handed, self._verified_snapshot = self._verified_snapshot, None
+        verified = None
+        with suppress(OSError):  # a missing file fails verification below
+            if handed is not None and handed[0] == _file_identity(path):
+                verified = handed[1]
         try:
-            raft_data = pickle.loads(self._storage.install_snapshot(path))
+            raft_data = pickle.loads(self._storage.install_snapshot(path, verified))
         except SnapshotCorrupt as error:
             self._on_fatal(str(error))
             raise
@@ -1012,6 +1028,12 @@ def _drain(
             return proposals
         if item is not None:
             proposals.append(item)
+
+
+def _file_identity(path: str) -> tuple[int, int, int]:
+    """Inode, size and modification time: the same after a rename, new for a new file."""
+    stat = os.stat(path)
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def _exit_process(reason: str) -> None:

@@ -264,15 +264,17 @@ class Storage:
             out.flush()
             os.fsync(out.fileno())
 
-    def install_snapshot(self, path: str) -> bytes:
+    def install_snapshot(self, path: str, verified: VerifiedSnapshot | None = None) -> bytes:
         """Verify the snapshot at `path`, make its state ours, and return its raft data.
+        `verified`: what `read_snapshot_header` returned for this very file, when the caller
+        has just checked it (hashing a large snapshot twice costs seconds on the tick thread).
 
         The local state is kept when it is already at or past the snapshot's index (a restart
         loading our own older snapshot): applied entries are committed, so it is the same
         history, further along. Raises `SnapshotCorrupt` when the file fails verification;
         nothing local is touched then. Runs on the replication thread.
         """
-        header, raft_data, copy_offset, copy_bytes = read_snapshot_header(path)
+        header, raft_data, copy_offset, copy_bytes = verified or read_snapshot_header(path)
         # A snapshot received from the leader was written and renamed by pysyncobj without
         # fsync; the Raft log is cleared after this returns, so make the file durable first.
         with open(path, "rb") as received:
@@ -307,7 +309,11 @@ class Storage:
         return raft_data
 
 
-def read_snapshot_header(path: str) -> tuple[dict[str, Any], bytes, int, int]:
+# (header, raft data, state offset, state length) of a snapshot file that passed verification.
+VerifiedSnapshot = tuple[dict[str, Any], bytes, int, int]
+
+
+def read_snapshot_header(path: str) -> VerifiedSnapshot:
     """Verify a snapshot file and return (header, raft data, state offset, state length).
 
     Raises `SnapshotCorrupt` for a wrong magic, version, length or checksum.

@@ -15,12 +15,14 @@ dropping entries the follower had acknowledged and the leader had counted toward
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+from chasqui_node import storage as storage_module
 from chasqui_node.journal import Entry, Journal
 from chasqui_node.replication import (
     Replicator,
@@ -28,7 +30,7 @@ from chasqui_node.replication import (
     _follower_commit,
     _SnapshotReceiver,
 )
-from chasqui_node.storage import Storage
+from chasqui_node.storage import SnapshotCorrupt, Storage
 
 
 def log_with(directory: Path, entries: list[Entry]) -> _DurableRaftLog:
@@ -193,3 +195,51 @@ def test_the_commit_index_stays_within_what_the_leader_verified(
 ) -> None:
     # pysyncobj moved the commit index from 8 to min(leader's commit, end of the log) = 15
     assert _follower_commit(8, 15, {"type": "append_entries", **message}, installed) == expected
+
+
+def reader(tmp_path: Path, applied: int) -> SimpleNamespace:
+    """A follower with what `_accept_snapshot` and `_read_snapshot` use."""
+    node = follower(tmp_path, applied, [])
+    node._verified_snapshot = None
+    node._on_fatal = lambda _reason: None
+    node._refresh_members = lambda: None
+    return node
+
+
+def test_an_accepted_snapshot_is_not_hashed_again_when_loaded(
+    tmp_path: Path, snapshot_at_3: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = reader(tmp_path, 0)
+    try:
+        assert Replicator._accept_snapshot(node, snapshot_at_3) is True  # type: ignore[arg-type]
+        target = str(tmp_path / "raft.snapshot")
+        os.replace(snapshot_at_3, target)  # as the receiver does
+        hashed: list[str] = []
+        original = storage_module.read_snapshot_header
+        monkeypatch.setattr(
+            storage_module,
+            "read_snapshot_header",
+            lambda path: hashed.append(path) or original(path),
+        )
+        raft_data = Replicator._read_snapshot(node, target)  # type: ignore[arg-type]
+        assert raft_data[0] == (b"c3", 3, 2)
+        assert hashed == [] and node._storage.applied_index == 3
+    finally:
+        node._storage.close()
+
+
+def test_a_different_file_at_the_path_is_verified_in_full(
+    tmp_path: Path, snapshot_at_3: str
+) -> None:
+    node = reader(tmp_path, 0)
+    try:
+        assert Replicator._accept_snapshot(node, snapshot_at_3) is True  # type: ignore[arg-type]
+        damaged = bytearray(Path(snapshot_at_3).read_bytes())
+        damaged[len(damaged) // 2] ^= 0xFF
+        target = tmp_path / "raft.snapshot"
+        target.write_bytes(bytes(damaged))  # another file than the one accepted
+        with pytest.raises(SnapshotCorrupt):
+            Replicator._read_snapshot(node, str(target))  # type: ignore[arg-type]
+        assert node._storage.applied_index == 0
+    finally:
+        node._storage.close()
