@@ -182,8 +182,8 @@ class _DurableRaftLog(PysyncobjJournal):  # type: ignore[misc]
     """pysyncobj's `Journal` interface over Chasqui's fsynced `Journal`.
 
     Two departures from pysyncobj's own journal, both for durability:
-    - Entries become durable in `sync()`, which the replicator calls before any Raft message
-      leaves the node and at the end of every tick (group commit).
+    - Entries become durable in `sync()`, which the replicator calls before any reply leaves
+      the node and at both ends of every tick (group commit; see `_RaftNode.__init__`).
     - pysyncobj's follower deletes every entry after the leader's `prevLogIdx` even when they
       match (not only on a term conflict, as Raft requires), then appends the same entries
       again. Here the delete is deferred and carried out only from the first conflicting
@@ -461,6 +461,7 @@ class _RaftNode(SyncObj):  # type: ignore[misc]
         # Assigned before SyncObj.__init__ so pysyncobj's default serializer would skip it; we
         # use our own serializer anyway, and the state lives in LMDB.
         self._apply_text = apply_text
+        self._raft_log = raft_log
         # pysyncobj builds its journal with the module-level createJournal() inside __init__;
         # hand it ours instead (its documented replacement point) for the constructor only.
         with _JOURNAL_FACTORY_LOCK:
@@ -470,20 +471,31 @@ class _RaftNode(SyncObj):  # type: ignore[misc]
                 super().__init__(self_address, other_addresses, conf)
             finally:
                 pysyncobj.syncobj.createJournal = original
-        # Durability point: nothing leaves this node before what it wrote is fsynced. A
-        # follower's append-entries reply and a leader's replication of its own entry both
-        # go through here; the tick callback covers a leader with no one to send to.
+        # Durability points. A reply (an append-entries acknowledgement, a vote) leaves only
+        # after what this node wrote is fsynced. A leader's own new entries need not be
+        # durable before they go out: it fsyncs them while the followers write theirs (Raft
+        # thesis 10.2.1), and counts itself towards a commit only after that fsync, because
+        # its commit check runs at the start of a tick (`_onTick`) and every tick syncs
+        # first. Replies are read only in the poll that ends a tick, after the callback
+        # below has synced that tick's entries.
         transport = self._SyncObj__transport
         send = transport.send
 
         def send_after_sync(node: Any, message: Any) -> Any:
-            raft_log.sync()
+            if message.get("type") != "append_entries":
+                raft_log.sync()
             return send(node, message)
 
         transport.send = send_after_sync
         self.addOnTickCallback(raft_log.sync)
         self._snapshot_receiver = _SnapshotReceiver(conf.fullDumpFile, accept_snapshot)
         self._SyncObj__serializer.setTransmissionData = self._snapshot_receiver
+
+    def _onTick(self, timeToWait: float = 0.0) -> None:
+        # The leader's commit check comes first in a tick: it counts this node's own log,
+        # which must be on disk by then (see the durability points in __init__).
+        self._raft_log.sync()
+        super()._onTick(timeToWait)
 
     def _SyncObj__onMessageReceived(self, node: Any, message: dict[str, Any]) -> None:
         """pysyncobj's message handler, with two of Raft's rules it leaves out.

@@ -277,13 +277,27 @@ class Cluster:
 
 
 def dump_states(cluster: Cluster) -> dict[str, list[tuple[bytes, bytes]]]:
-    """Every stopped node's applied state, read straight from its LMDB files."""
-    from chasqui_node.storage import Storage
+    """Every stopped node's applied state, read straight from its LMDB files.
+
+    A node that did not stop cleanly left its unsynced-state marker: it ran on this machine in
+    this boot, so its state is read under the boot id it recorded (it would be kept on a
+    restart here), not discarded as after a machine crash."""
+    from chasqui_node.storage import BOOT_ID_ENV, UNSYNCED_MARKER, Storage
 
     states = {}
     for node_id, node in cluster.nodes.items():
         assert not node.alive(), f"stop {node_id} before reading its files"
-        storage = Storage(node.data_dir)
+        marker = node.data_dir / "state" / UNSYNCED_MARKER
+        boot = marker.read_text() if marker.exists() else os.environ.get(BOOT_ID_ENV, "")
+        saved = os.environ.get(BOOT_ID_ENV)
+        os.environ[BOOT_ID_ENV] = boot
+        try:
+            storage = Storage(node.data_dir)
+        finally:
+            if saved is None:
+                del os.environ[BOOT_ID_ENV]
+            else:
+                os.environ[BOOT_ID_ENV] = saved
         try:
             states[node_id] = storage.dump_state()
         finally:

@@ -5,8 +5,11 @@ at once and the test throws away exactly what no fsync made durable, the way a p
 (LazyFS-style, but for our own files):
 - Raft journal segments are cut back to the length recorded by their last fsync. The journal
   reports each fsync to the file named by CHASQUI_SYNC_TRACE, a hook that exists for this test.
-- LMDB state, the journal's metadata and snapshots are synced on every write with
-  `--fsync always` and never with `--fsync never`: they are kept, or deleted, whole.
+- The journal's metadata and snapshots are synced on every write with `--fsync always` and
+  never with `--fsync never`: they are kept, or deleted, whole.
+- The LMDB state is never fsynced per commit: its meta pages are overwritten with garbage (what
+  unsynced pages may leave), and the nodes restart under a new boot id (CHASQUI_BOOT_ID), as
+  after a real power cut, so each must notice and rebuild it from the snapshot and journal.
 After a restart every confirmed message must be in the queue exactly once, publishes whose
 outcome was unknown at most once, nothing else, and every node must hold identical state.
 
@@ -16,6 +19,7 @@ check can fail, and that the fsyncs are what saves the data.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import threading
@@ -49,6 +53,11 @@ def power_cut(node_dir: Path, trace: Path, fsync_always: bool) -> dict[str, int]
             with open(segment, "r+b") as file:
                 file.truncate(keep)
             dropped[segment.name] = size - keep
+    state = node_dir / "state" / "data.mdb"
+    if state.exists():
+        with open(state, "r+b") as file:
+            file.write(os.urandom(8192))
+        dropped["state meta pages"] = 8192
     if not fsync_always:
         for path in (
             node_dir / "state",
@@ -64,9 +73,10 @@ def power_cut(node_dir: Path, trace: Path, fsync_always: bool) -> dict[str, int]
     return dropped
 
 
-def start_traced(cluster: Cluster, node_id: str) -> None:
+def start_traced(cluster: Cluster, node_id: str, boot: str) -> None:
     trace = cluster.root / f"{node_id}.synctrace"
-    cluster.start_node(node_id, environment={"CHASQUI_SYNC_TRACE": str(trace)})
+    environment = {"CHASQUI_SYNC_TRACE": str(trace), "CHASQUI_BOOT_ID": boot}
+    cluster.start_node(node_id, environment=environment)
 
 
 @pytest.fixture
@@ -153,14 +163,14 @@ def drain(cluster: Cluster, key: str) -> list[bytes] | None:
 
 def run_power_cut(cluster: Cluster, fsync_always: bool) -> tuple[set[bytes], list[bytes] | None]:
     for node_id in cluster.nodes:
-        start_traced(cluster, node_id)
+        start_traced(cluster, node_id, boot="before-the-cut")
     cluster.wait_for_leader()
     key, confirmed, unknown = publish_until_cut(cluster)
     for node_id, node in cluster.nodes.items():
         dropped = power_cut(node.data_dir, cluster.root / f"{node_id}.synctrace", fsync_always)
         print(f"power cut on {node_id}: dropped {dropped or 'nothing'}")
     for node_id in cluster.nodes:
-        start_traced(cluster, node_id)
+        start_traced(cluster, node_id, boot="after-the-cut")
     cluster.wait_for_leader(timeout_s=60)
     found = drain(cluster, key)
     if found is not None:
