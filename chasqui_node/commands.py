@@ -600,6 +600,13 @@ def _base64_size(body: bytes) -> int:
     return (len(body) + 2) // 3 * 4
 
 
+def readies(command: Command) -> tuple[Kind, str] | None:
+    """The queue or topic where applying `command` may make a message ready to consume."""
+    if isinstance(command, Publish | PublishBatch | Nack):
+        return command.kind, command.name
+    return None
+
+
 def encoded_size(command: Command) -> int:
     """An upper bound on the bytes the command adds to an encoded entry (ASCII text names and
     ids), used to keep entries under the chunking size. A `PublishBatch` counts every body and

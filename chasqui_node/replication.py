@@ -52,11 +52,13 @@ from chasqui_node.commands import (
     AddMember,
     Command,
     Entry,
+    Kind,
     MalformedEntry,
     RemoveMember,
     Result,
     decode_entry,
     encode_entry,
+    readies,
 )
 from chasqui_node.commands import encoded_size as command_encoded_size
 from chasqui_node.errors import (
@@ -145,6 +147,75 @@ class InternalError(ChasquiError):
 class _Proposal:
     commands: Sequence[Command]
     future: Future[list[Result]]
+
+
+class Rider:
+    """Commands waiting to join the next entry that may make a message ready on `key` (a queue
+    or topic: see `commands.readies`), after that entry's own commands.
+
+    A consumer with nothing to take rides along with the next publish instead of proposing
+    again once that publish is applied: it receives the message in the same Raft round that
+    commits it. Made by `Replicator.ride`; `withdraw` it when done waiting.
+    """
+
+    def __init__(self, key: tuple[Kind, str], commands: Sequence[Command]) -> None:
+        self.key = key
+        self.commands = commands
+        self.future: Future[list[Result]] = Future()
+
+
+def await_results(future: Future[list[Result]], timeout_s: float) -> list[Result]:
+    """The results of a proposal (or a rider), or OutcomeUnknown when no commit comes in time."""
+    try:
+        return future.result(timeout=timeout_s)
+    except FutureTimeout:
+        raise OutcomeUnknown(
+            f"no commit within {timeout_s:.1f} s (leader change or lost majority); "
+            "retry with the same producer id and sequence"
+        ) from None
+
+
+class RiderBoard:
+    """The riders waiting for an entry, by key. Any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: dict[tuple[Kind, str], list[Rider]] = {}
+
+    def ride(self, key: tuple[Kind, str], commands: Sequence[Command]) -> Rider:
+        rider = Rider(key, commands)
+        with self._lock:
+            self._waiting.setdefault(key, []).append(rider)
+        return rider
+
+    def withdraw(self, rider: Rider) -> bool:
+        """Remove `rider`; False when `take` has handed it to an entry already."""
+        with self._lock:
+            waiting = self._waiting.get(rider.key, [])
+            if rider not in waiting:
+                return False
+            waiting.remove(rider)
+            if not waiting:
+                del self._waiting[rider.key]
+            return True
+
+    def take(self, commands: Sequence[Command]) -> list[Rider]:
+        """Remove and return the riders an entry holding `commands` carries along."""
+        if not self._waiting:  # unlocked peek: a rider missed here catches the next entry
+            return []
+        keys = {key for command in commands if (key := readies(command)) is not None}
+        taken: list[Rider] = []
+        with self._lock:
+            for key in keys:
+                taken.extend(self._waiting.pop(key, ()))
+        return taken
+
+    def fail_all(self, error: ChasquiError) -> None:
+        with self._lock:
+            waiting, self._waiting = self._waiting, {}
+        for riders in waiting.values():
+            for rider in riders:
+                _fail_future(rider.future, error)
 
 
 def _fail_future(future: Future[list[Result]], error: ChasquiError) -> None:
@@ -462,6 +533,8 @@ class _RaftNode(SyncObj):  # type: ignore[misc]
         # use our own serializer anyway, and the state lives in LMDB.
         self._apply_text = apply_text
         self._raft_log = raft_log
+        self._deferring_append_entries = False  # see _SyncObj__sendAppendEntries
+        self._append_entries_deferred = False
         # pysyncobj builds its journal with the module-level createJournal() inside __init__;
         # hand it ours instead (its documented replacement point) for the constructor only.
         with _JOURNAL_FACTORY_LOCK:
@@ -487,6 +560,7 @@ class _RaftNode(SyncObj):  # type: ignore[misc]
             return send(node, message)
 
         transport.send = send_after_sync
+        self.addOnTickCallback(self._send_deferred_append_entries)
         self.addOnTickCallback(raft_log.sync)
         self._snapshot_receiver = _SnapshotReceiver(conf.fullDumpFile, accept_snapshot)
         self._SyncObj__serializer.setTransmissionData = self._snapshot_receiver
@@ -495,7 +569,30 @@ class _RaftNode(SyncObj):  # type: ignore[misc]
         # The leader's commit check comes first in a tick: it counts this node's own log,
         # which must be on disk by then (see the durability points in __init__).
         self._raft_log.sync()
-        super()._onTick(timeToWait)
+        self._deferring_append_entries = True
+        try:
+            super()._onTick(timeToWait)
+        finally:  # a tick that ended early (transport not ready, an error) sends now
+            if self._deferring_append_entries:
+                self._send_deferred_append_entries()
+
+    def _SyncObj__sendAppendEntries(self) -> None:
+        """pysyncobj sends append-entries to every follower after each entry it adds and after
+        each apply, so a tick that adds 5 entries sends 6 messages to each follower, and each
+        follower fsyncs and replies 6 times. Within a tick they are deferred to one send at its
+        end (`_send_deferred_append_entries`, the first tick callback), which carries every
+        new entry and the latest commit index. Outside a tick (a message handler) it sends at
+        once."""
+        if self._deferring_append_entries:
+            self._append_entries_deferred = True
+            return
+        super()._SyncObj__sendAppendEntries()
+
+    def _send_deferred_append_entries(self) -> None:
+        self._deferring_append_entries = False
+        if self._append_entries_deferred:
+            self._append_entries_deferred = False
+            super()._SyncObj__sendAppendEntries()
 
     def _SyncObj__onMessageReceived(self, node: Any, message: dict[str, Any]) -> None:
         """pysyncobj's message handler, with two of Raft's rules it leaves out.
@@ -606,6 +703,7 @@ class Replicator:
         self._in_flight_changed = threading.Condition()
         self._next_token = 0
         self._closed = threading.Event()
+        self._riders = RiderBoard()
 
         data_dir.mkdir(parents=True, exist_ok=True)
         snapshot_path = data_dir / "raft.snapshot"
@@ -680,13 +778,20 @@ class Replicator:
         self.check_leader()
         future: Future[list[Result]] = Future()
         self._pending.put(_Proposal(commands, future))
-        try:
-            return future.result(timeout=timeout_s)
-        except FutureTimeout:
-            raise OutcomeUnknown(
-                f"no commit within {timeout_s:.1f} s (leader change or lost majority); "
-                "retry with the same producer id and sequence"
-            ) from None
+        return await_results(future, timeout_s)
+
+    def ride(self, key: tuple[Kind, str], commands: Sequence[Command]) -> Rider:
+        """Have `commands` proposed in the next entry that may make a message ready on `key`
+        (see `Rider`); its results arrive in `rider.future`. Nothing is proposed until such
+        an entry forms; `withdraw` cancels that."""
+        if self._closed.is_set():
+            raise Unavailable(f"node {self.node_id} is shutting down")
+        return self._riders.ride(key, commands)
+
+    def withdraw(self, rider: Rider) -> bool:
+        """Stop `rider` from joining an entry. False when it has joined one already: its
+        results then arrive in `rider.future` as for any proposal."""
+        return self._riders.withdraw(rider)
 
     def check_leader(self) -> None:
         """Raise NotLeader (with a hint when known) unless this node is the leader."""
@@ -724,9 +829,14 @@ class Replicator:
                 batch.append(following)
                 commands.extend(following.commands)
                 size += extra
+            for rider in self._riders.take(commands):
+                batch.append(_Proposal(rider.commands, rider.future))
+                commands.extend(rider.commands)
             self._submit(token, batch, commands)
+        shutting_down = Unavailable(f"node {self.node_id} is shutting down")
         for proposal in _drain(self._pending, carried):
-            _fail_future(proposal.future, Unavailable(f"node {self.node_id} is shutting down"))
+            _fail_future(proposal.future, shutting_down)
+        self._riders.fail_all(shutting_down)
 
     def _reserve_in_flight(self) -> int:
         """Wait for room among in-flight entries and return a token for the next one.

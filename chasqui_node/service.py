@@ -64,6 +64,7 @@ from chasqui_node.commands import (
     Unsubscribe,
     UserCreated,
     check_name,
+    readies,
 )
 from chasqui_node.commands import Consume as ConsumeCommand  # the RPC method shadows the name
 from chasqui_node.errors import (
@@ -83,7 +84,7 @@ from chasqui_node.errors import (
     Unavailable,
 )
 from chasqui_node.metrics import NodeMetrics
-from chasqui_node.replication import Member, ReplicationStatus
+from chasqui_node.replication import Member, ReplicationStatus, Rider, await_results
 from chasqui_node.state_machine import StateMachine, Store
 from chasqui_proto import chasqui_pb2 as pb
 from chasqui_proto import chasqui_pb2_grpc as pb_grpc
@@ -132,6 +133,10 @@ class Replication(Protocol):
     members: tuple[Member, ...]  # every member this node knows, itself included
 
     def propose_many(self, commands: Sequence[Command], timeout_s: float) -> list[Result]: ...
+
+    def ride(self, key: tuple[Kind, str], commands: Sequence[Command]) -> Rider: ...
+
+    def withdraw(self, rider: Rider) -> bool: ...
 
     def check_leader(self) -> None: ...
 
@@ -206,10 +211,9 @@ class ChangeBoard:
 
     def on_applied(self, entry: Entry, results: list[Result]) -> None:
         touched = {
-            (command.kind, command.name)
+            key
             for command, result in zip(entry.commands, results, strict=True)
-            if isinstance(command, Publish | PublishBatch | Nack)
-            and not isinstance(result, ChasquiError)
+            if (key := readies(command)) is not None and not isinstance(result, ChasquiError)
         }
         if not touched:
             return
@@ -751,7 +755,14 @@ class BrokerService(pb_grpc.BrokerServicer):
         self, command: ConsumeCommand, deadline: float, context: grpc.ServicerContext
     ) -> Deliveries:
         """Long-poll: propose the consume, and while nothing is ready wait for a publish or
-        nack on that name (or the time a lease or delay ends), until `deadline`."""
+        nack on that name (or the time a lease or delay ends), until `deadline`.
+
+        While waiting, the consume rides along with the next entry that publishes or nacks
+        there (`Replication.ride`), so a message published to an idle consumer reaches it in
+        the Raft round that commits it. Changes applied meanwhile (`ChangeBoard`) cover a
+        publish proposed before the rider was registered: then the consume is proposed again.
+        """
+        key = (command.kind, command.name)
         while True:
             seen = self._changes.version(command.kind, command.name)
             result = self._propose(command, context)
@@ -763,14 +774,25 @@ class BrokerService(pb_grpc.BrokerServicer):
                 # Something leased or delayed becomes ready then; look again at that time.
                 left_s = min(left_s, max(0.01, result.next_ready_ms / 1000 - time.time()))
             wake_at = time.monotonic() + left_s
-            # Wait in slices so a cancelled call frees its thread within a second.
-            while (
-                context.is_active()
-                and not self._changes.closed
-                and self._changes.version(command.kind, command.name) == seen
-                and (slice_s := wake_at - time.monotonic()) > 0
-            ):
-                self._changes.wait(command.kind, command.name, seen, min(slice_s, 1.0))
+            rider = self._replication.ride(key, [command])
+            try:
+                # Wait in slices so a cancelled call frees its thread within a second.
+                while (
+                    context.is_active()
+                    and not self._changes.closed
+                    and self._changes.version(command.kind, command.name) == seen
+                    and (slice_s := wake_at - time.monotonic()) > 0
+                ):
+                    self._changes.wait(command.kind, command.name, seen, min(slice_s, 1.0))
+            finally:
+                joined = not self._replication.withdraw(rider)
+            if joined:
+                (ridden,) = await_results(rider.future, self._timeout_s(context))
+                if isinstance(ridden, ChasquiError):
+                    raise ridden
+                assert isinstance(ridden, Deliveries)
+                if ridden.deliveries:
+                    return ridden
             if self._changes.closed:
                 raise Unavailable("the node is shutting down; retry on another node")
             self._replication.check_leader()

@@ -20,9 +20,9 @@ import grpc
 import pytest
 
 from chasqui_node import limits
-from chasqui_node.commands import Command, Entry, Result, decode_entry, encode_entry
+from chasqui_node.commands import Command, Entry, Kind, Result, decode_entry, encode_entry
 from chasqui_node.errors import NoLeader, NotLeader
-from chasqui_node.replication import Member, ReplicationStatus, Role
+from chasqui_node.replication import Member, ReplicationStatus, Rider, RiderBoard, Role
 from chasqui_node.server import GRPC_CONCURRENT_CALLS_MAX, GRPC_WORKERS
 from chasqui_node.service import BrokerService, ChangeBoard
 from chasqui_node.state_machine import MemoryStore, StateMachine, Store
@@ -72,6 +72,9 @@ class FakeReplication:
         self._leader: Member | None = NODE
         self._applied_index = 0
         self.members: tuple[Member, ...] = (NODE,)
+        self._riders = RiderBoard()
+        self.entries: list[Entry] = []  # every entry applied, in order
+        self.rides = 0  # riders registered so far
 
     def become_follower(self, leader: Member | None) -> None:
         """From now on refuse proposals: NotLeader with `leader` as hint, or NoLeader."""
@@ -91,12 +94,27 @@ class FakeReplication:
     def propose_many(self, commands: Sequence[Command], timeout_s: float) -> list[Result]:
         self.check_leader()
         with self._lock:
-            entry = Entry(now_ms=self.clock.now_ms(), commands=tuple(commands))
+            riders = self._riders.take(commands)
+            carried = [c for rider in riders for c in rider.commands]
+            entry = Entry(now_ms=self.clock.now_ms(), commands=(*commands, *carried))
             entry = decode_entry(encode_entry(entry))  # what a replica would apply
             results = self._state_machine.apply_entry(self.store, entry)
+            self.entries.append(entry)
             self._applied_index += 1
             self._change_board.on_applied(entry, results)
-        return results
+        position = len(commands)
+        for rider in riders:
+            count = len(rider.commands)
+            rider.future.set_result(results[position : position + count])
+            position += count
+        return results[: len(commands)]
+
+    def ride(self, key: tuple[Kind, str], commands: Sequence[Command]) -> Rider:
+        self.rides += 1
+        return self._riders.ride(key, commands)
+
+    def withdraw(self, rider: Rider) -> bool:
+        return self._riders.withdraw(rider)
 
     def status(self) -> ReplicationStatus:
         leading = self._leader == NODE

@@ -43,6 +43,33 @@ def test_topic_consume_wakes_when_a_message_is_published(broker: Broker, user: M
     assert time.monotonic() - started < 1.5
 
 
+def test_a_waiting_consume_rides_in_the_entry_of_the_next_publish(
+    broker: Broker, user: Metadata
+) -> None:
+    create_queue(broker.stub, user, "orders")
+    received: list[bytes] = []
+    waiter = threading.Thread(
+        target=lambda: received.extend(
+            d.body for d in consume(broker.stub, user, "orders", timeout_s=5.0)
+        ),
+        daemon=True,
+    )
+    waiter.start()
+    deadline = time.monotonic() + 5
+    while broker.replication.rides == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert broker.replication.rides == 1, "the consume never waited for a publish"
+    applied_before = len(broker.replication.entries)
+    publish(broker.stub, user, "orders", b"now")
+    waiter.join(timeout=5)
+    assert received == [b"now"]
+    # One entry carried both: the publish, then the waiting consume, which leased the message.
+    carried = broker.replication.entries[applied_before:]
+    assert [[type(c).__name__ for c in entry.commands] for entry in carried] == [
+        ["Publish", "Consume"]
+    ]
+
+
 def test_consume_wakes_when_a_batch_is_published(broker: Broker, user: Metadata) -> None:
     create_queue(broker.stub, user, "orders")
     items = [{"body": b"late-1"}, {"body": b"late-2"}]
