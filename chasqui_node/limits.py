@@ -51,6 +51,9 @@ RAFT_ENTRY_BYTES_TARGET = 48 * 1024
 # path, so that knob is set above the largest possible entry and such entries go whole.
 RAFT_MESSAGE_BYTES_MAX = 16 * 1024 * 1024
 RAFT_ENTRY_COMMANDS_MAX = 500
+# Socket buffers asked for on Raft connections (the kernel caps them at net.core.wmem_max and
+# rmem_max): room for a whole entry of a publish batch, so it crosses in one poll round.
+RAFT_SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 PROPOSAL_TIMEOUT_S_DEFAULT = 5.0  # longest wait for a proposal to commit before ABORTED
 PROPOSALS_IN_FLIGHT_MAX = 10_000  # queued proposals on the leader before RESOURCE_EXHAUSTED
 

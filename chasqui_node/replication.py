@@ -18,6 +18,12 @@ pysyncobj traps handled here (ARCHITECTURE section 3):
   entries it acknowledged unless they conflict, installs only a snapshot that brings something
   new, and its replies carry their term.
 
+Speed, without patching pysyncobj: a leader fsyncs its entries while its followers write theirs;
+append-entries sent within a tick go as one message per follower; Raft messages are deflated at
+level 0 and the rest of a partly sent message goes out when the socket is writable (see
+`_StoredZlib`, `_send_rest_when_writable`); waiting consumers ride in the next publish's entry
+(`Rider`).
+
 Membership: the members a node knows are its static `--cluster` list overlaid with the
 replicated member registry (AddMember / RemoveMember commands), re-read whenever such a command
 or a snapshot is applied, so every node maps a new leader's Raft address to its client address.
@@ -34,6 +40,7 @@ import queue
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -44,8 +51,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pysyncobj.syncobj
+import pysyncobj.tcp_connection
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 from pysyncobj.journal import Journal as PysyncobjJournal
+from pysyncobj.poller import POLL_EVENT_TYPE
 
 from chasqui_node import limits
 from chasqui_node.commands import (
@@ -88,6 +97,45 @@ ENTRIES_IN_FLIGHT_MAX = (
     16  # Raft entries proposed and not yet applied; more waiting = bigger batches
 )
 ENTRY_FORGOTTEN_S = 10.0  # an in-flight entry with no callback after this stops counting
+
+
+class _StoredZlib:
+    """The zlib pysyncobj's TCP connections use, deflating at level 0 (stored blocks).
+
+    pysyncobj deflates every Raft message at level 3 on the sending tick thread: 6.3 ms for
+    a 180 KB entry of 500 random 256-byte bodies (base64 in JSON: it shrinks only to 76%),
+    twice per entry with two followers, on the commit path. Level 0 takes 0.16 ms and is the
+    same zlib format, which any pysyncobj node inflates, so nodes with and without this agree.
+    Pipelined publish measured back to back: random bodies 11.5-14.2k -> 16.5-18.1k msg/s;
+    highly compressible ones ("xxx...") unchanged within noise.
+    """
+
+    @staticmethod
+    def compress(data: bytes, level: int = -1) -> bytes:
+        return zlib.compress(data, 0)
+
+    decompress = staticmethod(zlib.decompress)
+
+
+pysyncobj.tcp_connection.zlib = _StoredZlib
+
+
+def _send_rest_when_writable(connection: Any) -> None:
+    """Have the poller finish sending what a pysyncobj connection could not send at once.
+
+    A message larger than the socket's free buffer (an entry of 500 messages is 240 KB on the
+    wire) is sent in part; pysyncobj keeps the rest but asks the poller for write readiness
+    only after a write event, not after a send, so the rest went out with the connection's
+    next message: a heartbeat period later when nothing else was sent. The tick thread owns
+    the poller and every send, so this runs there."""
+    if connection._TcpConnection__writeBuffer and connection.fileno() is not None:
+        connection._TcpConnection__poller.subscribe(
+            connection.fileno(),
+            connection._TcpConnection__processConnection,
+            POLL_EVENT_TYPE.READ | POLL_EVENT_TYPE.WRITE | POLL_EVENT_TYPE.ERROR,
+        )
+
+
 # The first byte of pysyncobj's own membership-change entries (ours are ASCII text).
 _MEMBERSHIP_COMMAND = bytes([pysyncobj.syncobj._COMMAND_TYPE.MEMBERSHIP])
 
@@ -557,7 +605,11 @@ class _RaftNode(SyncObj):  # type: ignore[misc]
         def send_after_sync(node: Any, message: Any) -> Any:
             if message.get("type") != "append_entries":
                 raft_log.sync()
-            return send(node, message)
+            sent = send(node, message)
+            connection = transport._connections.get(node)
+            if connection is not None:
+                _send_rest_when_writable(connection)
+            return sent
 
         transport.send = send_after_sync
         self.addOnTickCallback(self._send_deferred_append_entries)
@@ -729,6 +781,10 @@ class Replicator:
             serializer=self._write_snapshot,
             deserializer=self._read_snapshot,
             appendEntriesUseBatch=False,
+            # pysyncobj's 64 KiB shrinks the kernel's socket buffers below one entry of a
+            # batch, so each entry crossed in several poll rounds of both nodes.
+            sendBufferSize=limits.RAFT_SOCKET_BUFFER_BYTES,
+            recvBufferSize=limits.RAFT_SOCKET_BUFFER_BYTES,
             appendEntriesBatchSizeBytes=limits.RAFT_MESSAGE_BYTES_MAX,
             appendEntriesPeriod=timings.heartbeat_s,
             raftMinTimeout=timings.election_timeout_min_s,
