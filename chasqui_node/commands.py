@@ -157,6 +157,20 @@ class Ack:
 
 
 @dataclass(frozen=True)
+class AckBatch:
+    """Ack several deliveries of one queue or topic, in order, each as an `Ack` would be, and
+    independently (one that is refused does not stop the others). Item i is (`sequences[i]`,
+    `delivery_counts[i]`). One command per ack call: about 16 bytes per delivery in the entry
+    instead of about 100 (the key hash, kind and name once), and one decode instead of many."""
+
+    key_hash: str
+    kind: Kind
+    name: str
+    sequences: tuple[int, ...]
+    delivery_counts: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Nack:
     """Give a leased message back, visible again after `delay_ms`."""
 
@@ -264,6 +278,7 @@ Command = (
     | SetAccess
     | AddMember
     | RemoveMember
+    | AckBatch
 )
 
 
@@ -457,6 +472,7 @@ _COMMAND_TYPES: tuple[type[Any], ...] = (
     SetAccess,
     AddMember,
     RemoveMember,
+    AckBatch,
 )
 # Tags are part of the log format: append new types at the end, never reorder.
 _TAG_OF: dict[type[Any], int] = {cls: tag for tag, cls in enumerate(_COMMAND_TYPES)}
@@ -475,7 +491,7 @@ _TUPLES: dict[str, type[Any]] = {
 }
 # Commands whose tuple fields are parallel arrays and must have equal lengths; the tuples of
 # other commands (access lists) are independent.
-_PARALLEL_TUPLES: frozenset[type[Any]] = frozenset({PublishBatch})
+_PARALLEL_TUPLES: frozenset[type[Any]] = frozenset({PublishBatch, AckBatch})
 
 
 @dataclass(frozen=True)
@@ -508,6 +524,11 @@ ENTRY_FORMAT_VERSION = 1
 
 class MalformedEntry(ValueError):
     """Entry text that does not decode: only a bug or a foreign writer can cause it."""
+
+
+class UnsupportedEntry(MalformedEntry):
+    """An entry from a newer Chasqui (an unknown entry version or command tag): a node that
+    skipped it would diverge from the others, so it must stop until it is upgraded."""
 
 
 def _encode_value(value: Any) -> Any:
@@ -545,7 +566,11 @@ def decode_command(item: Any) -> Command:
     if not isinstance(item, list) or not item or not isinstance(item[0], int):
         raise MalformedEntry(f"command is not a tagged list: {item!r:.80}")
     tag = item[0]
-    if not 0 <= tag < len(_COMMAND_TYPES):
+    if tag >= len(_COMMAND_TYPES):
+        raise UnsupportedEntry(
+            f"command tag {tag} is newer than this node knows (up to {len(_COMMAND_TYPES) - 1})"
+        )
+    if tag < 0:
         raise MalformedEntry(f"unknown command tag {tag}")
     cls = _COMMAND_TYPES[tag]
     fields = _FIELDS[cls]
@@ -589,6 +614,8 @@ def decode_entry(text: str) -> Entry:
     except (ValueError, TypeError) as error:
         raise MalformedEntry(f"entry is not JSON: {error}") from error
     if not (isinstance(raw, list) and len(raw) == 3 and raw[0] == ENTRY_FORMAT_VERSION):
+        if isinstance(raw, list) and raw and type(raw[0]) is int and raw[0] > ENTRY_FORMAT_VERSION:
+            raise UnsupportedEntry(f"entry version {raw[0]} is newer than {ENTRY_FORMAT_VERSION}")
         raise MalformedEntry(f"entry has unknown shape or version: {str(raw)[:80]}")
     now_ms, items = raw[1], raw[2]
     if type(now_ms) is not int or not isinstance(items, list):
@@ -619,6 +646,8 @@ def encoded_size(command: Command) -> int:
         # Per item, generously: the body's quotes, three separators and two integers of up to
         # 20 characters each (the service fills them from 64-bit proto fields).
         size += sum(_base64_size(body) + 56 for body in command.bodies)
+    elif isinstance(command, AckBatch):
+        size += 42 * len(command.sequences)  # two integers of up to 20 characters, separators
     elif isinstance(command, SetAccess):
         size += sum(len(user_id) + 3 for user_id in command.publishers + command.consumers)
     elif isinstance(command, CreateUserAsAdmin | RevokeUser):

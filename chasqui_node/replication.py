@@ -65,6 +65,7 @@ from chasqui_node.commands import (
     MalformedEntry,
     RemoveMember,
     Result,
+    UnsupportedEntry,
     decode_entry,
     encode_entry,
     readies,
@@ -964,6 +965,11 @@ class Replicator:
         try:
             try:
                 entry = decode_entry(text)
+            except UnsupportedEntry as error:
+                # Written by a newer leader: skipping it would diverge from the nodes that
+                # apply it. Stop; once upgraded, this node replays the journal from here.
+                self._on_fatal(f"cannot apply entry {raft_index}: {error}; upgrade this node")
+                return None
             except MalformedEntry as error:
                 # Only a bug or a foreign writer produces this; every replica refuses alike.
                 logger.error("entry %d is malformed and skipped: %s", raft_index, error)

@@ -33,7 +33,7 @@ import grpc
 
 from chasqui_node import limits
 from chasqui_node.commands import (
-    Ack,
+    AckBatch,
     AddMember,
     Command,
     Consume,
@@ -874,7 +874,20 @@ class BrokerService(pb_grpc.BrokerServicer):
     def Ack(self, request: pb.AckRequest, context: grpc.ServicerContext) -> Any:
         key_hash = self._key_hash(context)
         _check_at_most("ack batch", len(request.deliveries), "ack_batch_max", limits.ACK_BATCH_MAX)
-        self._propose_all(self._delivery_commands(key_hash, request.deliveries, Ack), context)
+        # One AckBatch per queue or topic, in the order each first appears; within one, the
+        # deliveries keep their order (topic acks are cumulative).
+        groups: dict[tuple[Kind, str], tuple[list[int], list[int]]] = {}
+        for reference in request.deliveries:
+            kind = _kind(reference.kind)
+            check_name(kind, reference.name)
+            sequences, delivery_counts = groups.setdefault((kind, reference.name), ([], []))
+            sequences.append(reference.sequence)
+            delivery_counts.append(reference.delivery_count)
+        commands: list[Command] = [
+            AckBatch(key_hash, kind, name, tuple(sequences), tuple(delivery_counts))
+            for (kind, name), (sequences, delivery_counts) in groups.items()
+        ]
+        self._propose_all(commands, context)
         return pb.AckResponse()
 
     @_rpc

@@ -65,6 +65,7 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 from chasqui_node import limits
 from chasqui_node.commands import (
     Ack,
+    AckBatch,
     AddMember,
     Command,
     Consume,
@@ -663,6 +664,7 @@ class _Applier:
             PublishBatch: self.publish_batch,
             Consume: self.consume,
             Ack: self.ack,
+            AckBatch: self.ack_batch,
             Nack: self.nack,
             Extend: self.extend,
             CreateUserAsAdmin: self.create_user_as_admin,
@@ -1629,12 +1631,34 @@ class _Applier:
     # -- ack, nack, extend --------------------------------------------------------------------
 
     def ack(self, user: UserInfo, command: Ack) -> Result:
-        if command.kind is Kind.TOPIC:
-            key, cursor = self.leased_window(user, command.name, command.sequence)
-            if command.sequence < cursor.acked:
+        return self.ack_one(
+            user, command.kind, command.name, command.sequence, command.delivery_count
+        )
+
+    def ack_batch(self, user: UserInfo, command: AckBatch) -> Result:
+        """Each item as one `Ack`, independently; the result is the first refusal, if any."""
+        _check_int("ack batch", len(command.sequences), 0, limits.ACK_BATCH_MAX, "ack_batch_max")
+        first_refusal: Result | None = None
+        for sequence, delivery_count in zip(
+            command.sequences, command.delivery_counts, strict=True
+        ):
+            try:
+                result = self.ack_one(user, command.kind, command.name, sequence, delivery_count)
+            except ChasquiError as error:
+                result = error
+            if first_refusal is None and isinstance(result, ChasquiError):
+                first_refusal = result
+        return first_refusal or Done()
+
+    def ack_one(
+        self, user: UserInfo, kind: Kind, name: str, sequence: int, delivery_count: int
+    ) -> Result:
+        if kind is Kind.TOPIC:
+            key, cursor = self.leased_window(user, name, sequence)
+            if sequence < cursor.acked:
                 return Done()  # acked before: acks are idempotent
             window_start = max(
-                (start for start in cursor.windows if start <= command.sequence),
+                (start for start in cursor.windows if start <= sequence),
                 default=cursor.acked,
             )
             if window_start > cursor.acked:
@@ -1645,23 +1669,23 @@ class _Applier:
                 cursor.rewind()
                 self.store.put(key, cursor.encode())
                 return FailedPrecondition(
-                    f'offsets {skipped} to {window_start - 1} of topic "{command.name}" were '
+                    f'offsets {skipped} to {window_start - 1} of topic "{name}" were '
                     f"handed out to user {user.user_id} by an earlier consume that was not "
-                    f"acked; offset {command.sequence} was not acked past them, and every "
+                    f"acked; offset {sequence} was not acked past them, and every "
                     f"offset from {skipped} will be delivered again"
                 )
-            cursor.acked = command.sequence + 1
-            cursor.windows = [start for start in cursor.windows if start > command.sequence]
+            cursor.acked = sequence + 1
+            cursor.windows = [start for start in cursor.windows if start > sequence]
             if cursor.acked >= cursor.high:
                 cursor.redeliveries = 0
             self.store.put(key, cursor.encode())
             return Done()
-        queue, message = self.leased_message(user, command.name, command.sequence)
+        queue, message = self.leased_message(user, name, sequence)
         if message is None:
             return Done()  # acked before (or dropped): acks are idempotent
-        self.check_lease(command.name, command.sequence, command.delivery_count, message)
-        self.remove_message(queue, command.sequence, message)
-        self.put_queue_meta(command.name, queue)
+        self.check_lease(name, sequence, delivery_count, message)
+        self.remove_message(queue, sequence, message)
+        self.put_queue_meta(name, queue)
         return Done()
 
     def nack(self, user: UserInfo, command: Nack) -> Result:

@@ -10,6 +10,7 @@ import pytest
 
 from chasqui_node.commands import (
     Ack,
+    AckBatch,
     Command,
     Consume,
     CreateQueue,
@@ -28,6 +29,7 @@ from chasqui_node.commands import (
     StartPosition,
     Subscribe,
     Unsubscribe,
+    UnsupportedEntry,
     decode_command,
     decode_entry,
     encode_command,
@@ -47,6 +49,8 @@ EVERY_COMMAND: list[Command] = [
     Publish("h", Kind.TOPIC, "news", b"", "", 0),
     Consume("h", Kind.QUEUE, "jobs", 10, 5000),
     Ack("h", Kind.TOPIC, "news", 3, 1),
+    AckBatch("h", Kind.QUEUE, "jobs", (3, 4, 9), (1, 1, 2)),
+    AckBatch("h", Kind.TOPIC, "news", (), ()),
     Nack("h", Kind.QUEUE, "jobs", 3, 2, delay_ms=100),
     Extend("h", Kind.QUEUE, "jobs", 3, 2, extend_ms=1000),
     PublishBatch("h", Kind.QUEUE, "jobs", "p", (b"", bytes(range(256))), (1, 2), (0, 9)),
@@ -64,6 +68,31 @@ def test_entry_round_trips_as_ascii_text() -> None:
     text = encode_entry(entry)
     assert text.isascii()
     assert decode_entry(text) == entry
+
+
+def test_an_ack_batch_is_compact() -> None:
+    one_by_one = [Ack("h" * 64, Kind.QUEUE, "jobs", 1000 + i, 1) for i in range(100)]
+    batch = AckBatch("h" * 64, Kind.QUEUE, "jobs", tuple(range(1000, 1100)), (1,) * 100)
+    singles = len(encode_entry(Entry(1, tuple(one_by_one))))
+    assert len(encode_entry(Entry(1, (batch,)))) * 10 < singles
+
+
+def test_ack_batch_items_must_pair_up() -> None:
+    item = encode_command(AckBatch("h", Kind.QUEUE, "jobs", (1, 2), (1, 1)))
+    item[-1] = [1]
+    with pytest.raises(MalformedEntry):
+        decode_command(item)
+
+
+def test_an_entry_from_a_newer_version_is_unsupported_not_skippable() -> None:
+    """A node must stop on these (replication.py), not skip them like a malformed entry."""
+    with pytest.raises(UnsupportedEntry, match="command tag 999 is newer"):
+        decode_entry(json.dumps([1, 5, [[999, "h"]]]))
+    with pytest.raises(UnsupportedEntry, match="entry version 2 is newer"):
+        decode_entry(json.dumps([2, 5, []]))
+    with pytest.raises(MalformedEntry) as refused:
+        decode_entry(json.dumps([0, 5, []]))
+    assert not isinstance(refused.value, UnsupportedEntry)
 
 
 def test_empty_entry_round_trips() -> None:

@@ -14,6 +14,7 @@ import pytest
 from chasqui_node import limits
 from chasqui_node.commands import (
     Ack,
+    AckBatch,
     Command,
     Consume,
     Created,
@@ -634,6 +635,21 @@ def test_ack_is_idempotent(broker: Broker) -> None:
     before = broker.store.items()
     assert broker.one(Ack(BOB, Q, "jobs", 0, 1)) == Done()
     assert broker.store.items() == before
+
+
+def test_an_ack_batch_acks_every_item_it_can_and_reports_the_first_refusal(
+    broker: Broker,
+) -> None:
+    broker.queue(visibility_timeout_ms=60_000)
+    for _ in range(3):
+        broker.publish()
+    assert [d.sequence for d in broker.consume(count=3).deliveries] == [0, 1, 2]
+    # Message 1 is acked with a delivery count it never had; 0 and 2 are acked all the same.
+    result = broker.one(AckBatch(BOB, Q, "jobs", (0, 1, 2), (1, 5, 1)))
+    assert isinstance(result, FailedPrecondition)
+    assert "message 1" in result.message
+    broker.advance(60_000)
+    assert [(d.sequence, d.delivery_count) for d in broker.consume(count=3).deliveries] == [(1, 2)]
 
 
 def test_ack_of_a_sequence_never_assigned_is_not_found(broker: Broker) -> None:

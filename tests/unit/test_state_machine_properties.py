@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from chasqui_node import limits
 from chasqui_node.commands import (
     Ack,
+    AckBatch,
     Command,
     Consume,
     CreateQueue,
@@ -44,6 +45,7 @@ from chasqui_node.commands import (
     Subscribe,
     Unsubscribe,
 )
+from chasqui_node.errors import ChasquiError, Unauthenticated
 from chasqui_node.state_machine import MemoryStore, StateMachine
 
 USERS = ["a" * 64, "b" * 64, "c" * 64]
@@ -101,6 +103,15 @@ CONSUME = st.builds(
     Consume, KEYS, KINDS, NAMES, st.sampled_from([0, 1, 2, 3, 3]), st.sampled_from([0, 50, 2000])
 )
 ACK = st.builds(Ack, KEYS, KINDS, NAMES, SMALL, st.integers(1, 3))
+ACK_BATCH = st.builds(
+    lambda key, kind, name, items: AckBatch(
+        key, kind, name, tuple(s for s, _ in items), tuple(c for _, c in items)
+    ),
+    KEYS,
+    KINDS,
+    NAMES,
+    st.lists(st.tuples(SMALL, st.integers(1, 3)), max_size=4),
+)
 OTHER_COMMANDS: st.SearchStrategy[Command] = st.one_of(
     st.builds(CreateUser, st.sampled_from(["new-1", "new-2", USERS[0]]), st.booleans()),
     st.builds(
@@ -132,7 +143,9 @@ OTHER_COMMANDS: st.SearchStrategy[Command] = st.one_of(
 )
 # Weighted so that histories mostly move messages: hypothesis picks one_of branches about
 # evenly, so the choice of branch is drawn first.
-_WEIGHTED = [PUBLISH] * 4 + [PUBLISH_BATCH] * 2 + [CONSUME] * 3 + [ACK] * 2 + [OTHER_COMMANDS] * 3
+_WEIGHTED = (
+    [PUBLISH] * 4 + [PUBLISH_BATCH] * 2 + [CONSUME] * 3 + [ACK, ACK_BATCH] + [OTHER_COMMANDS] * 3
+)
 COMMANDS: st.SearchStrategy[Command] = st.integers(0, len(_WEIGHTED) - 1).flatmap(
     lambda index: _WEIGHTED[index]
 )
@@ -195,6 +208,27 @@ def test_snapshot_then_restore_then_continue_equals_never_snapshotting(
     results += apply_all(StateMachine(), snapshot, entries[split:])
     assert results == expected
     assert snapshot.items() == store.items()
+
+
+@PROPERTY_SETTINGS
+@given(histories(), ACK_BATCH)
+def test_an_ack_batch_is_its_acks_one_by_one(entries: list[Entry], batch: AckBatch) -> None:
+    """Same store after it; its result is the first refusal among the single acks, or Done."""
+    machine, batched = fresh()
+    apply_all(machine, batched, entries)
+    one_by_one = batched.copy()
+    (result,) = machine.apply_entry(batched, Entry(50_000, (batch,)))
+    singles = [
+        Ack(batch.key_hash, batch.kind, batch.name, sequence, count)
+        for sequence, count in zip(batch.sequences, batch.delivery_counts, strict=True)
+    ]
+    results = machine.apply_entry(one_by_one, Entry(50_000, tuple(singles)))
+    refusals = [r for r in results if isinstance(r, ChasquiError)]
+    if batch.key_hash not in USERS:  # refused before any item, even in an empty batch
+        assert isinstance(result, Unauthenticated)
+    else:
+        assert result == (refusals[0] if refusals else Done())
+    assert batched.items() == one_by_one.items()
 
 
 # Queue-only operations for the no-loss property: (kind of step, small numbers).
