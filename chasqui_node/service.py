@@ -690,14 +690,17 @@ class BrokerService(pb_grpc.BrokerServicer):
             limits.PUBLISH_BATCH_MESSAGES_MAX,
             "messages",
         )
-        for item in request.items:
-            self._check_message(kind, item.body, item.delay_ms)
+        items = request.items
+        bodies = tuple(item.body for item in items)
+        delays_ms = tuple(item.delay_ms for item in items)
+        sizes = list(map(len, bodies))
+        if bodies and (max(sizes) > limits.MESSAGE_BYTES_MAX or any(delays_ms)):
+            # Delays, or a body too large: check item by item, naming the first offender (a
+            # check per item costs 2-3 us, a share of a batch's time on the leader).
+            for body, delay_ms in zip(bodies, delays_ms, strict=True):
+                self._check_message(kind, body, delay_ms)
         _check_at_most(
-            "batch",
-            sum(len(item.body) for item in request.items),
-            "publish_batch_bytes_max",
-            limits.PUBLISH_BATCH_BYTES_MAX,
-            "bytes",
+            "batch", sum(sizes), "publish_batch_bytes_max", limits.PUBLISH_BATCH_BYTES_MAX, "bytes"
         )
         # One command, applied all or nothing: a refusal (unknown queue, queue full) leaves
         # nothing behind, and a retry of an accepted batch gets every receipt back.
@@ -706,9 +709,9 @@ class BrokerService(pb_grpc.BrokerServicer):
             kind=kind,
             name=request.name,
             producer_id=request.producer_id,
-            bodies=tuple(item.body for item in request.items),
-            sequences=tuple(item.sequence for item in request.items),
-            delays_ms=tuple(item.delay_ms for item in request.items),
+            bodies=bodies,
+            sequences=tuple(item.sequence for item in items),
+            delays_ms=delays_ms,
         )
         result = self._propose(command, context)
         assert isinstance(result, Receipts)
