@@ -58,7 +58,7 @@ from __future__ import annotations
 import bisect
 import json
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, TypeVar
 
@@ -1638,16 +1638,41 @@ class _Applier:
     def ack_batch(self, user: UserInfo, command: AckBatch) -> Result:
         """Each item as one `Ack`, independently; the result is the first refusal, if any."""
         _check_int("ack batch", len(command.sequences), 0, limits.ACK_BATCH_MAX, "ack_batch_max")
+        items = zip(command.sequences, command.delivery_counts, strict=True)
+        if command.kind is Kind.QUEUE and command.sequences:
+            return self.ack_queue_batch(user, command.name, items)
         first_refusal: Result | None = None
-        for sequence, delivery_count in zip(
-            command.sequences, command.delivery_counts, strict=True
-        ):
+        for sequence, delivery_count in items:
             try:
                 result = self.ack_one(user, command.kind, command.name, sequence, delivery_count)
             except ChasquiError as error:
                 result = error
             if first_refusal is None and isinstance(result, ChasquiError):
                 first_refusal = result
+        return first_refusal or Done()
+
+    def ack_queue_batch(
+        self, user: UserInfo, name: str, items: Iterable[tuple[int, int]]
+    ) -> Result:
+        """`ack_batch` on a queue: what `ack_one` does per item, with the queue's metadata
+        loaded, authorized and stored once for the batch rather than once per message (two
+        copies of it per ack were a third of an ack's cost). Refusals of the queue itself
+        (NotFound, PermissionDenied) are every item's, so they refuse the whole batch."""
+        queue = self.existing_queue(name)
+        _authorize(user, "consume", Kind.QUEUE, name, queue)
+        depth_before = queue.depth
+        first_refusal: ChasquiError | None = None
+        for sequence, delivery_count in items:
+            try:
+                message = self.stored_message(queue, name, sequence)
+                if message is None:
+                    continue  # acked before (or dropped): acks are idempotent
+                self.check_lease(name, sequence, delivery_count, message)
+                self.remove_message(queue, sequence, message)
+            except ChasquiError as error:
+                first_refusal = first_refusal or error
+        if queue.depth != depth_before:
+            self.put_queue_meta(name, queue)
         return first_refusal or Done()
 
     def ack_one(
@@ -1748,10 +1773,16 @@ class _Applier:
         on the queue's consumers list (ack, nack and extend count as consuming)."""
         queue = self.existing_queue(queue_name)
         _authorize(user, "consume", Kind.QUEUE, queue_name, queue)
+        return queue, self.stored_message(queue, queue_name, sequence)
+
+    def stored_message(
+        self, queue: _QueueMeta, queue_name: str, sequence: int
+    ) -> _QueueMessage | None:
+        """The stored message (None when acked or dropped); NotFound if never assigned."""
         if not 0 <= sequence < queue.next_sequence:
             raise NotFound(f'message {sequence} was never published to queue "{queue_name}"')
         value = self.store.get(_queue_message_key(queue.incarnation, sequence))
-        return queue, None if value is None else _QueueMessage.decode(value)
+        return None if value is None else _QueueMessage.decode(value)
 
     def check_lease(
         self, queue_name: str, sequence: int, delivery_count: int, message: _QueueMessage
