@@ -879,17 +879,20 @@ class BrokerService(pb_grpc.BrokerServicer):
         _check_at_most("ack batch", len(request.deliveries), "ack_batch_max", limits.ACK_BATCH_MAX)
         # One AckBatch per queue or topic, in the order each first appears; within one, the
         # deliveries keep their order (topic acks are cumulative).
-        groups: dict[tuple[Kind, str], tuple[list[int], list[int]]] = {}
+        groups: dict[tuple[int, str], tuple[list[int], list[int]]] = {}
         for reference in request.deliveries:
-            kind = _kind(reference.kind)
-            check_name(kind, reference.name)
-            sequences, delivery_counts = groups.setdefault((kind, reference.name), ([], []))
+            sequences, delivery_counts = groups.setdefault(
+                (reference.kind, reference.name), ([], [])
+            )
             sequences.append(reference.sequence)
             delivery_counts.append(reference.delivery_count)
-        commands: list[Command] = [
-            AckBatch(key_hash, kind, name, tuple(sequences), tuple(delivery_counts))
-            for (kind, name), (sequences, delivery_counts) in groups.items()
-        ]
+        commands: list[Command] = []
+        for (kind_pb, name), (sequences, delivery_counts) in groups.items():
+            kind = _kind(kind_pb)
+            check_name(kind, name)  # once per queue or topic, not per delivery
+            commands.append(
+                AckBatch(key_hash, kind, name, tuple(sequences), tuple(delivery_counts))
+            )
         self._propose_all(commands, context)
         return pb.AckResponse()
 
