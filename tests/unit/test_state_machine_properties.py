@@ -213,9 +213,21 @@ def test_snapshot_then_restore_then_continue_equals_never_snapshotting(
 @PROPERTY_SETTINGS
 @given(histories(), ACK_BATCH)
 def test_an_ack_batch_is_its_acks_one_by_one(entries: list[Entry], batch: AckBatch) -> None:
-    """Same store after it; its result is the first refusal among the single acks, or Done."""
+    """Same store after it; its result is the first refusal among the single acks, or Done.
+
+    Housekeeping (purging deleted queues' records, expired dedup records) runs before every
+    command, so one batch and its acks one by one do different amounts of it: the history's
+    housekeeping is finished first, with commands that change nothing themselves."""
     machine, batched = fresh()
     apply_all(machine, batched, entries)
+    idle = Entry(50_000, (Consume(USERS[0], Kind.QUEUE, "zz", 1, 0),) * 10)  # no such queue
+    for _ in range(100):
+        before = batched.items()
+        machine.apply_entry(batched, idle)
+        if batched.items() == before:
+            break
+    else:
+        raise AssertionError("housekeeping never finished")
     one_by_one = batched.copy()
     (result,) = machine.apply_entry(batched, Entry(50_000, (batch,)))
     singles = [
