@@ -52,13 +52,14 @@ Entry = tuple[bytes, int, int]  # (command, index, term), the shape pysyncobj us
 SYNC_TRACE_ENV = "CHASQUI_SYNC_TRACE"  # test hook: file that records each synced segment length
 
 
-def _trace_synced(path: Path, size: int) -> None:
-    """For the power-loss test only: record that `path` is durable up to `size` bytes, so the
-    test can discard exactly what was never fsynced after killing every node."""
+def _trace_synced(path: Callable[[], Path], size: int) -> None:
+    """For the power-loss test only: record that `path()` is durable up to `size` bytes, so the
+    test can discard exactly what was never fsynced after killing every node. (`path` is only
+    built when tracing: this runs on every group commit.)"""
     trace = os.environ.get(SYNC_TRACE_ENV)
     if trace:
         with open(trace, "a") as out:
-            out.write(f"{path.name} {size}\n")
+            out.write(f"{path().name} {size}\n")
 
 
 def _valid_record_after(data: bytes, start: int, expected: int) -> bool:
@@ -350,7 +351,7 @@ class Journal:
             os.fdatasync(self._tail_file)
             if self.on_sync is not None:
                 self.on_sync(time.perf_counter() - started)
-            _trace_synced(self._segment_path(self._segments[-1]), self._tail_size)
+            _trace_synced(lambda: self._segment_path(self._segments[-1]), self._tail_size)
         self._dirty = False
 
     def truncate_from(self, position: int) -> None:
@@ -369,7 +370,7 @@ class Journal:
         if self._fsync:
             os.fsync(self._tail_file)  # type: ignore[arg-type]
             fsync_directory(self._directory)
-            _trace_synced(self._segment_path(cut.segment), cut.offset)
+            _trace_synced(lambda: self._segment_path(cut.segment), cut.offset)
         self._dirty = False
 
     def drop_before(self, position: int) -> None:

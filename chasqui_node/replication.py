@@ -54,6 +54,7 @@ import pysyncobj.syncobj
 import pysyncobj.tcp_connection
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 from pysyncobj.journal import Journal as PysyncobjJournal
+from pysyncobj.monotonic import monotonic as monotonicTime
 from pysyncobj.poller import POLL_EVENT_TYPE
 
 from chasqui_node import limits
@@ -655,7 +656,25 @@ class _RaftNode(SyncObj):  # type: ignore[misc]
         self._deferring_append_entries = False
         if self._append_entries_deferred:
             self._append_entries_deferred = False
-            super()._SyncObj__sendAppendEntries()
+            if not self._only_commit_news():
+                super()._SyncObj__sendAppendEntries()
+
+    def _only_commit_news(self) -> bool:
+        """Whether a send now would tell the followers nothing but a newer commit index.
+
+        pysyncobj sends one after every apply, so every entry cost each follower two messages,
+        two replies and their encryption (half its CPU under one-at-a-time publishing). The
+        commit index reaches the followers with the next entry or heartbeat instead (within
+        appendEntriesPeriod): clients are answered by the leader, which has applied already,
+        and a new leader commits what its predecessor did with its first entry, as in Raft."""
+        if monotonicTime() > self._SyncObj__newAppendEntriesTime:
+            return False  # a heartbeat is due
+        last_index = self._SyncObj__getCurrentLogIndex()
+        next_index = self._SyncObj__raftNextIndex
+        return all(
+            next_index.get(node, 0) > last_index
+            for node in self._SyncObj__otherNodes | self._SyncObj__readonlyNodes
+        )
 
     def _SyncObj__onMessageReceived(self, node: Any, message: dict[str, Any]) -> None:
         """pysyncobj's message handler, with two of Raft's rules it leaves out.
