@@ -9,9 +9,11 @@
 
 Sender threads (`ACKER_CALLS_IN_FLIGHT`) each take every ack waiting (up to ack_batch_max) into
 one Ack call, sent through the client's usual routing and retries; while calls are in flight
-the next batch gathers. Acks need no order, so several calls overlap their Raft rounds. A
-stream's credit comes back when the ack of its delivery is confirmed, exactly as with
-`Client.ack`.
+the next batch gathers. Acks need no order, so several calls overlap their Raft rounds, but a
+call starts beside another only for `ACKER_OVERLAP_ACKS_MIN` acks or more (or to flush): at a
+trickle one call at a time carries what gathered during the last one, rather than every ack
+becoming a call and a Raft entry of its own. A stream's credit comes back when the ack of its
+delivery is confirmed, exactly as with `Client.ack`.
 
 Outcomes. A delivery whose lease ended before its ack arrived is delivered again, whatever
 happens here (at-least-once). An Ack call refused for such a delivery (FailedPrecondition)
@@ -46,6 +48,8 @@ class Acker(ClosedOnExit):
         self._accepted = 0  # acks ever taken by ack()
         self._done = 0  # acks whose call finished, either way
         self._failure: errors.ChasquiError | None = None  # raised by the next flush/close
+        self._in_flight = 0  # Ack calls being sent
+        self._flushing = 0  # flush() calls waiting: send whatever is pending at once
         self.refused_batches = 0  # batches with an ack of a delivery whose lease had ended
         self._closed = False
         self._senders = [
@@ -76,7 +80,12 @@ class Acker(ClosedOnExit):
         the failure that stopped an earlier batch, once."""
         with self._condition:
             target = self._accepted
-            finished = self._condition.wait_for(lambda: self._done >= target, timeout=timeout_s)
+            self._flushing += 1
+            self._condition.notify_all()
+            try:
+                finished = self._condition.wait_for(lambda: self._done >= target, timeout=timeout_s)
+            finally:
+                self._flushing -= 1
             failure, self._failure = self._failure, None
         if failure is not None:
             raise failure
@@ -108,14 +117,26 @@ class Acker(ClosedOnExit):
 
     # ---- the sender thread -----------------------------------------------------------------
 
+    def _may_send(self) -> bool:
+        """(Holding the condition.) Whether a sender should take a batch now."""
+        if not self._pending:
+            return self._closed
+        return (
+            self._in_flight == 0
+            or len(self._pending) >= limits.ACKER_OVERLAP_ACKS_MIN
+            or self._flushing > 0
+            or self._closed
+        )
+
     def _send_loop(self) -> None:
         while True:
             with self._condition:
-                self._condition.wait_for(lambda: bool(self._pending) or self._closed)
+                self._condition.wait_for(self._may_send)
                 if not self._pending:
                     return
                 count = min(len(self._pending), limits.ACK_BATCH_MAX)
                 batch = [self._pending.popleft() for _ in range(count)]
+                self._in_flight += 1
             self._send(batch)
 
     def _send(self, batch: list[Message]) -> None:
@@ -135,6 +156,7 @@ class Acker(ClosedOnExit):
             # topic ack rewound the subscription, which acked=False tells the stream).
             settle_streams(batch, acked=not refused)
         with self._condition:
+            self._in_flight -= 1
             self.refused_batches += refused
             self._done += len(batch)
             if failure is not None and self._failure is None:

@@ -14,10 +14,11 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from chasqui_client import Client, Message, errors
+from chasqui_client import Client, Message, errors, limits
 from chasqui_client.models import Kind
 from chasqui_node.replication import Member
 from tests.service.conftest import Broker
@@ -283,6 +284,50 @@ def test_acker_acks_a_whole_stream_one_message_at_a_time(client: Client) -> None
     # close() flushed: every ack is applied, so nothing is left to redeliver
     assert sorted(seen) == sorted(f"j{i}" for i in range(1200))
     assert acker.unconfirmed == 0 and acker.refused_batches == 0
+    assert next(q.depth for q in client.list_queues() if q.name == "jobs") == 0
+
+
+def test_acker_overlaps_calls_only_for_a_large_backlog_of_acks(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At a trickle one Ack call at a time carries what gathered meanwhile; a second call
+    starts beside it only once ACKER_OVERLAP_ACKS_MIN acks wait (or a flush asks)."""
+    client.create_queue("jobs")
+    client.publish_many_queue("jobs", [f"j{i}" for i in range(600)])
+    messages = client.consume_many_queue("jobs", 500) + client.consume_many_queue("jobs", 100)
+    calls: list[tuple[int, int, float]] = []  # (Ack calls in flight before, acks, start)
+    in_flight = 0
+    lock = threading.Lock()
+    run = client._run
+
+    def slow_run(call: Any) -> Any:
+        nonlocal in_flight
+        if call.rpc != "Ack":
+            return run(call)
+        with lock:
+            calls.append((in_flight, len(call.request.deliveries), time.monotonic()))
+            in_flight += 1
+        try:
+            time.sleep(0.05)  # a slow Raft round: acks pile up behind it
+            return run(call)
+        finally:
+            with lock:
+                in_flight -= 1
+
+    monkeypatch.setattr(client, "_run", slow_run)
+    with client.acker() as acker:
+        for message in messages[:50]:  # a trickle
+            acker.ack(message)
+            time.sleep(0.002)
+        for message in messages[50:]:  # a burst
+            acker.ack(message)
+        time.sleep(0.3)  # the senders take the burst before the flush at the end
+        flushing_from = time.monotonic()  # leaving the block flushes: small calls may overlap
+    assert sum(count for _, count, _ in calls) == 600
+    assert len(calls) < 50, f"{len(calls)} calls for 50 trickled acks and a burst"
+    overlapping = [count for beside, count, start in calls if beside and start < flushing_from]
+    assert overlapping, "the burst never overlapped calls"
+    assert min(overlapping) >= limits.ACKER_OVERLAP_ACKS_MIN
     assert next(q.depth for q in client.list_queues() if q.name == "jobs") == 0
 
 
