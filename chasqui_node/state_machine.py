@@ -1631,33 +1631,27 @@ class _Applier:
     # -- ack, nack, extend --------------------------------------------------------------------
 
     def ack(self, user: UserInfo, command: Ack) -> Result:
-        return self.ack_one(
-            user, command.kind, command.name, command.sequence, command.delivery_count
-        )
+        items = [(command.sequence, command.delivery_count)]
+        if command.kind is Kind.QUEUE:
+            return self.ack_queue(user, command.name, items)
+        return self.ack_topic(user, command.name, items)
 
     def ack_batch(self, user: UserInfo, command: AckBatch) -> Result:
         """Each item as one `Ack`, independently; the result is the first refusal, if any."""
         _check_int("ack batch", len(command.sequences), 0, limits.ACK_BATCH_MAX, "ack_batch_max")
+        if not command.sequences:
+            return Done()  # like no acks at all, even for a name that does not exist
         items = zip(command.sequences, command.delivery_counts, strict=True)
-        if command.kind is Kind.QUEUE and command.sequences:
-            return self.ack_queue_batch(user, command.name, items)
-        first_refusal: Result | None = None
-        for sequence, delivery_count in items:
-            try:
-                result = self.ack_one(user, command.kind, command.name, sequence, delivery_count)
-            except ChasquiError as error:
-                result = error
-            if first_refusal is None and isinstance(result, ChasquiError):
-                first_refusal = result
-        return first_refusal or Done()
+        if command.kind is Kind.QUEUE:
+            return self.ack_queue(user, command.name, items)
+        return self.ack_topic(user, command.name, items)
 
-    def ack_queue_batch(
-        self, user: UserInfo, name: str, items: Iterable[tuple[int, int]]
-    ) -> Result:
-        """`ack_batch` on a queue: what `ack_one` does per item, with the queue's metadata
-        loaded, authorized and stored once for the batch rather than once per message (two
-        copies of it per ack were a third of an ack's cost). Refusals of the queue itself
-        (NotFound, PermissionDenied) are every item's, so they refuse the whole batch."""
+    def ack_queue(self, user: UserInfo, name: str, items: Iterable[tuple[int, int]]) -> Result:
+        """Delete each message whose delivery still holds its lease (idempotent), with the
+        queue's metadata loaded, authorized and stored once for the batch rather than once per
+        message (two copies of it per ack were a third of an ack's cost). Refusals of the
+        queue itself (NotFound, PermissionDenied) are every item's, so they refuse the whole
+        batch; any other is returned, the first one, after the other items are applied."""
         queue = self.existing_queue(name)
         _authorize(user, "consume", Kind.QUEUE, name, queue)
         depth_before = queue.depth
@@ -1675,42 +1669,45 @@ class _Applier:
             self.put_queue_meta(name, queue)
         return first_refusal or Done()
 
-    def ack_one(
-        self, user: UserInfo, kind: Kind, name: str, sequence: int, delivery_count: int
-    ) -> Result:
-        if kind is Kind.TOPIC:
-            key, cursor = self.leased_window(user, name, sequence)
-            if sequence < cursor.acked:
-                return Done()  # acked before: acks are idempotent
-            window_start = max(
-                (start for start in cursor.windows if start <= sequence),
-                default=cursor.acked,
-            )
-            if window_start > cursor.acked:
-                # Offsets [acked, window_start) went out in an earlier reply that was never
-                # acked, perhaps never received. Acking past them would lose them: hand
-                # everything out again instead, and say so.
-                skipped = cursor.acked
-                cursor.rewind()
-                self.store.put(key, cursor.encode())
-                return FailedPrecondition(
-                    f'offsets {skipped} to {window_start - 1} of topic "{name}" were '
-                    f"handed out to user {user.user_id} by an earlier consume that was not "
-                    f"acked; offset {sequence} was not acked past them, and every "
-                    f"offset from {skipped} will be delivered again"
-                )
-            cursor.acked = sequence + 1
-            cursor.windows = [start for start in cursor.windows if start > sequence]
-            if cursor.acked >= cursor.high:
-                cursor.redeliveries = 0
+    def ack_topic(self, user: UserInfo, name: str, items: Iterable[tuple[int, int]]) -> Result:
+        """Move the caller's cursor past each offset in turn (cumulative, idempotent); the
+        first refusal is returned after the other items are applied."""
+        first_refusal: Result | None = None
+        for offset, _delivery_count in items:
+            try:
+                result = self.ack_offset(user, name, offset)
+            except ChasquiError as error:
+                result = error
+            if first_refusal is None and isinstance(result, ChasquiError):
+                first_refusal = result
+        return first_refusal or Done()
+
+    def ack_offset(self, user: UserInfo, name: str, sequence: int) -> Result:
+        key, cursor = self.leased_window(user, name, sequence)
+        if sequence < cursor.acked:
+            return Done()  # acked before: acks are idempotent
+        window_start = max(
+            (start for start in cursor.windows if start <= sequence),
+            default=cursor.acked,
+        )
+        if window_start > cursor.acked:
+            # Offsets [acked, window_start) went out in an earlier reply that was never
+            # acked, perhaps never received. Acking past them would lose them: hand
+            # everything out again instead, and say so.
+            skipped = cursor.acked
+            cursor.rewind()
             self.store.put(key, cursor.encode())
-            return Done()
-        queue, message = self.leased_message(user, name, sequence)
-        if message is None:
-            return Done()  # acked before (or dropped): acks are idempotent
-        self.check_lease(name, sequence, delivery_count, message)
-        self.remove_message(queue, sequence, message)
-        self.put_queue_meta(name, queue)
+            return FailedPrecondition(
+                f'offsets {skipped} to {window_start - 1} of topic "{name}" were '
+                f"handed out to user {user.user_id} by an earlier consume that was not "
+                f"acked; offset {sequence} was not acked past them, and every "
+                f"offset from {skipped} will be delivered again"
+            )
+        cursor.acked = sequence + 1
+        cursor.windows = [start for start in cursor.windows if start > sequence]
+        if cursor.acked >= cursor.high:
+            cursor.redeliveries = 0
+        self.store.put(key, cursor.encode())
         return Done()
 
     def nack(self, user: UserInfo, command: Nack) -> Result:
