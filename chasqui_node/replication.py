@@ -859,8 +859,7 @@ class Replicator:
         With no commands this is a read barrier: it returns once an entry proposed now has
         been committed and applied here, so a following local read sees every earlier write.
         """
-        if self._closed.is_set():
-            raise Unavailable(f"node {self.node_id} is shutting down")
+        self._check_open()
         self.check_leader()
         future: Future[list[Result]] = Future()
         self._pending.put(_Proposal(commands, future))
@@ -870,14 +869,20 @@ class Replicator:
         """Have `commands` proposed in the next entry that may make a message ready on `key`
         (see `Rider`); its results arrive in `rider.future`. Nothing is proposed until such
         an entry forms; `withdraw` cancels that."""
-        if self._closed.is_set():
-            raise Unavailable(f"node {self.node_id} is shutting down")
+        self._check_open()
         return self._riders.ride(key, commands)
 
     def withdraw(self, rider: Rider) -> bool:
         """Stop `rider` from joining an entry. False when it has joined one already: its
         results then arrive in `rider.future` as for any proposal."""
         return self._riders.withdraw(rider)
+
+    def _shutting_down(self) -> Unavailable:
+        return Unavailable(f"node {self.node_id} is shutting down")
+
+    def _check_open(self) -> None:
+        if self._closed.is_set():
+            raise self._shutting_down()
 
     def check_leader(self) -> None:
         """Raise NotLeader (with a hint when known) unless this node is the leader."""
@@ -919,7 +924,7 @@ class Replicator:
                 batch.append(_Proposal(rider.commands, rider.future))
                 commands.extend(rider.commands)
             self._submit(token, batch, commands)
-        shutting_down = Unavailable(f"node {self.node_id} is shutting down")
+        shutting_down = self._shutting_down()
         for proposal in _drain(self._pending, carried):
             _fail_future(proposal.future, shutting_down)
         self._riders.fail_all(shutting_down)

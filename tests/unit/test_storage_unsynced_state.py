@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -36,17 +38,26 @@ def crash_after_applying_three(data_dir: Path, boot_id: str) -> None:
     assert (data_dir / "state" / UNSYNCED_MARKER).read_text() == boot_id
 
 
+@contextmanager
+def opened_at_boot(
+    data_dir: Path, boot_id: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Storage]:
+    """The node's storage opened as it would be in boot `boot_id`, closed cleanly after."""
+    monkeypatch.setenv(BOOT_ID_ENV, boot_id)
+    storage = Storage(data_dir)
+    try:
+        yield storage
+    finally:
+        storage.close()
+
+
 def test_a_process_crash_keeps_the_unsynced_state(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     crash_after_applying_three(tmp_path, "boot-1")
-    monkeypatch.setenv(BOOT_ID_ENV, "boot-1")
-    storage = Storage(tmp_path)
-    try:
+    with opened_at_boot(tmp_path, "boot-1", monkeypatch) as storage:
         assert storage.applied_index == 3
         assert storage.read(lambda store: store.get(b"k3")) == b"v"
-    finally:
-        storage.close()
 
 
 def test_a_machine_crash_discards_the_state_even_when_torn(
@@ -55,29 +66,19 @@ def test_a_machine_crash_discards_the_state_even_when_torn(
     crash_after_applying_three(tmp_path, "boot-1")
     with open(tmp_path / "state" / "data.mdb", "r+b") as data:
         data.write(os.urandom(8192))  # both meta pages torn: LMDB alone would refuse the file
-    monkeypatch.setenv(BOOT_ID_ENV, "boot-2")
-    storage = Storage(tmp_path)
-    try:
+    with opened_at_boot(tmp_path, "boot-2", monkeypatch) as storage:
         assert storage.applied_index == 0
         assert storage.dump_state() == []
         assert (tmp_path / "state" / UNSYNCED_MARKER).read_text() == "boot-2"
-    finally:
-        storage.close()
 
 
 def test_a_clean_close_survives_a_reboot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(BOOT_ID_ENV, "boot-1")
-    storage = Storage(tmp_path)
-    storage.apply(1, lambda store: store.put(b"k", b"v"))
-    storage.close()
+    with opened_at_boot(tmp_path, "boot-1", monkeypatch) as storage:
+        storage.apply(1, lambda store: store.put(b"k", b"v"))
     assert not (tmp_path / "state" / UNSYNCED_MARKER).exists()
-    monkeypatch.setenv(BOOT_ID_ENV, "boot-2")
-    reopened = Storage(tmp_path)
-    try:
+    with opened_at_boot(tmp_path, "boot-2", monkeypatch) as reopened:
         assert reopened.applied_index == 1
         assert reopened.read(lambda store: store.get(b"k")) == b"v"
-    finally:
-        reopened.close()
 
 
 def test_an_unreadable_marker_counts_as_another_boot(
@@ -85,9 +86,5 @@ def test_an_unreadable_marker_counts_as_another_boot(
 ) -> None:
     crash_after_applying_three(tmp_path, "boot-1")
     (tmp_path / "state" / UNSYNCED_MARKER).write_text("")  # torn while being written
-    monkeypatch.setenv(BOOT_ID_ENV, "boot-1")
-    storage = Storage(tmp_path)
-    try:
+    with opened_at_boot(tmp_path, "boot-1", monkeypatch) as storage:
         assert storage.applied_index == 0
-    finally:
-        storage.close()
