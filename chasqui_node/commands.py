@@ -373,9 +373,13 @@ class Delivery:
 @dataclass(frozen=True)
 class Deliveries:
     deliveries: tuple[Delivery, ...]
-    # When nothing is ready: the earliest time something may become ready (a lease expiring,
-    # a delayed message), or 0 if only a new publish can help. Lets a long-poll sleep exactly.
+    # Unless more_ready: the earliest time something may become ready for this consumer (a
+    # lease expiring, a delayed message), or 0 if only a publish or nack can help. Lets a
+    # long-poll sleep exactly, and a stream wait for the next publish without asking again.
     next_ready_ms: int = 0
+    # The consume stopped while messages were still ready (max_messages, the reply's bytes, or
+    # expired messages it dropped instead): ask again at once.
+    more_ready: bool = False
 
 
 @dataclass(frozen=True)

@@ -203,10 +203,16 @@ class InternalError(ChasquiError):
     """An entry failed because of a bug; every replica returns the same refusal."""
 
 
+# Called on the applying thread right after the entry holding a proposal's commands applied
+# on this node, before its results are handed over and before the next entry applies.
+AtCommit = Callable[[], None]
+
+
 @dataclass
 class _Proposal:
     commands: Sequence[Command]
     future: Future[list[Result]]
+    at_commit: AtCommit | None = None
 
 
 class Rider:
@@ -218,9 +224,12 @@ class Rider:
     commits it. Made by `Replicator.ride`; `withdraw` it when done waiting.
     """
 
-    def __init__(self, key: tuple[Kind, str], commands: Sequence[Command]) -> None:
+    def __init__(
+        self, key: tuple[Kind, str], commands: Sequence[Command], at_commit: AtCommit | None
+    ) -> None:
         self.key = key
         self.commands = commands
+        self.at_commit = at_commit
         self.future: Future[list[Result]] = Future()
 
 
@@ -242,8 +251,10 @@ class RiderBoard:
         self._lock = threading.Lock()
         self._waiting: dict[tuple[Kind, str], list[Rider]] = {}
 
-    def ride(self, key: tuple[Kind, str], commands: Sequence[Command]) -> Rider:
-        rider = Rider(key, commands)
+    def ride(
+        self, key: tuple[Kind, str], commands: Sequence[Command], at_commit: AtCommit | None = None
+    ) -> Rider:
+        rider = Rider(key, commands, at_commit)
         with self._lock:
             self._waiting.setdefault(key, []).append(rider)
         return rider
@@ -853,24 +864,30 @@ class Replicator:
         """
         return self.propose_many([command], timeout_s)[0]
 
-    def propose_many(self, commands: Sequence[Command], timeout_s: float) -> list[Result]:
+    def propose_many(
+        self, commands: Sequence[Command], timeout_s: float, at_commit: AtCommit | None = None
+    ) -> list[Result]:
         """Replicate commands together (one entry when they fit) and return their results.
 
         With no commands this is a read barrier: it returns once an entry proposed now has
         been committed and applied here, so a following local read sees every earlier write.
+        `at_commit` (see `AtCommit`) lets the caller note what else held right after the
+        entry applied, such as how far the change board had moved.
         """
         self._check_open()
         self.check_leader()
         future: Future[list[Result]] = Future()
-        self._pending.put(_Proposal(commands, future))
+        self._pending.put(_Proposal(commands, future, at_commit))
         return await_results(future, timeout_s)
 
-    def ride(self, key: tuple[Kind, str], commands: Sequence[Command]) -> Rider:
+    def ride(
+        self, key: tuple[Kind, str], commands: Sequence[Command], at_commit: AtCommit | None = None
+    ) -> Rider:
         """Have `commands` proposed in the next entry that may make a message ready on `key`
-        (see `Rider`); its results arrive in `rider.future`. Nothing is proposed until such
-        an entry forms; `withdraw` cancels that."""
+        (see `Rider`); its results arrive in `rider.future`, `at_commit` as for `propose_many`.
+        Nothing is proposed until such an entry forms; `withdraw` cancels that."""
         self._check_open()
-        return self._riders.ride(key, commands)
+        return self._riders.ride(key, commands, at_commit)
 
     def withdraw(self, rider: Rider) -> bool:
         """Stop `rider` from joining an entry. False when it has joined one already: its
@@ -921,7 +938,7 @@ class Replicator:
                 commands.extend(following.commands)
                 size += extra
             for rider in self._riders.take(commands):
-                batch.append(_Proposal(rider.commands, rider.future))
+                batch.append(_Proposal(rider.commands, rider.future, rider.at_commit))
                 commands.extend(rider.commands)
             self._submit(token, batch, commands)
         shutting_down = self._shutting_down()
@@ -967,6 +984,8 @@ class Replicator:
                 position = 0
                 for proposal in batch:
                     count = len(proposal.commands)
+                    if proposal.at_commit is not None:
+                        proposal.at_commit()
                     if not proposal.future.done():
                         proposal.future.set_result(results[position : position + count])
                     position += count

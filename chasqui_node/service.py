@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import grpc
 
@@ -84,7 +84,7 @@ from chasqui_node.errors import (
     Unavailable,
 )
 from chasqui_node.metrics import NodeMetrics
-from chasqui_node.replication import Member, ReplicationStatus, Rider, await_results
+from chasqui_node.replication import AtCommit, Member, ReplicationStatus, Rider, await_results
 from chasqui_node.state_machine import StateMachine, Store
 from chasqui_proto import chasqui_pb2 as pb
 from chasqui_proto import chasqui_pb2_grpc as pb_grpc
@@ -132,9 +132,13 @@ class Replication(Protocol):
     node_id: str
     members: tuple[Member, ...]  # every member this node knows, itself included
 
-    def propose_many(self, commands: Sequence[Command], timeout_s: float) -> list[Result]: ...
+    def propose_many(
+        self, commands: Sequence[Command], timeout_s: float, at_commit: AtCommit | None = None
+    ) -> list[Result]: ...
 
-    def ride(self, key: tuple[Kind, str], commands: Sequence[Command]) -> Rider: ...
+    def ride(
+        self, key: tuple[Kind, str], commands: Sequence[Command], at_commit: AtCommit | None = None
+    ) -> Rider: ...
 
     def withdraw(self, rider: Rider) -> bool: ...
 
@@ -221,6 +225,20 @@ class ChangeBoard:
             for key in touched:
                 self._versions[key] = self._versions.get(key, 0) + 1
             self._condition.notify_all()
+
+
+class _Quiet(NamedTuple):
+    """What a consume found when nothing more was ready for its consumer: the change board's
+    version for its queue or topic right after that consume applied, and when a lease or delay
+    ends there (`Deliveries.next_ready_ms`, 0 for none). Until the version moves or that time
+    comes, another consume would find nothing: the consumer waits for a publish to ride."""
+
+    version: int
+    next_ready_ms: int
+
+    def stale(self, board: ChangeBoard, key: tuple[Kind, str]) -> bool:
+        lease_ended = 0 < self.next_ready_ms <= time.time() * 1000
+        return lease_ended or board.version(*key) != self.version
 
 
 class ConnectionSlots:
@@ -751,42 +769,59 @@ class BrokerService(pb_grpc.BrokerServicer):
         remaining = context.time_remaining()
         if remaining is not None:
             deadline = min(deadline, time.monotonic() + remaining - 0.2)
-        result = self._consume_until(command, deadline, context)
+        result, _ = self._consume_until(command, deadline, context)
         return pb.ConsumeResponse(deliveries=[_delivery_pb(d) for d in result.deliveries])
 
     def _consume_until(
-        self, command: ConsumeCommand, deadline: float, context: grpc.ServicerContext
-    ) -> Deliveries:
+        self,
+        command: ConsumeCommand,
+        deadline: float,
+        context: grpc.ServicerContext,
+        quiet: _Quiet | None = None,
+    ) -> tuple[Deliveries, _Quiet | None]:
         """Long-poll: propose the consume, and while nothing is ready wait for a publish or
-        nack on that name (or the time a lease or delay ends), until `deadline`.
+        nack on that name (or the time a lease or delay ends), until `deadline`. Returns what
+        it got, and whether that left nothing ready (`_Quiet`) for the caller's next call.
 
         While waiting, the consume rides along with the next entry that publishes or nacks
         there (`Replication.ride`), so a message published to an idle consumer reaches it in
         the Raft round that commits it. Changes applied meanwhile (`ChangeBoard`) cover a
         publish proposed before the rider was registered: then the consume is proposed again.
+        With `quiet` from the caller's last call (a stream after a delivery), the consume is
+        not proposed first: it rides at once, one entry less per delivery.
         """
         key = (command.kind, command.name)
+        if quiet is not None and quiet.stale(self._changes, key):
+            quiet = None
         while True:
-            seen = self._changes.version(command.kind, command.name)
-            result = self._propose(command, context)
-            assert isinstance(result, Deliveries)
-            left_s = deadline - time.monotonic()
-            if result.deliveries or left_s <= 0 or not context.is_active():
-                return result
-            if result.next_ready_ms:
-                # Something leased or delayed becomes ready then; look again at that time.
-                left_s = min(left_s, max(0.01, result.next_ready_ms / 1000 - time.time()))
-            wake_at = time.monotonic() + left_s
-            rider = self._replication.ride(key, [command])
+            if quiet is None:
+                result, quiet = self._consume_now(command, context)
+                if result.deliveries or time.monotonic() >= deadline or not context.is_active():
+                    return result, quiet
+                if quiet is None:
+                    continue  # it dropped expired messages instead of delivering: look again
+            elif time.monotonic() >= deadline or not context.is_active():
+                if quiet.next_ready_ms and context.is_active():
+                    # Look once per call while leases are out: the entry clock that set their
+                    # deadlines may run ahead of this node's wall clock (a new leader's).
+                    quiet = None
+                    continue
+                return Deliveries(()), quiet
+            wake_at = deadline
+            if quiet.next_ready_ms:  # something leased or delayed becomes ready then
+                ready_in_s = max(0.01, quiet.next_ready_ms / 1000 - time.time())
+                wake_at = min(wake_at, time.monotonic() + ready_in_s)
+            versions: list[int] = []
+            rider = self._replication.ride(key, [command], self._note_version(key, versions))
             try:
                 # Wait in slices so a cancelled call frees its thread within a second.
                 while (
                     context.is_active()
                     and not self._changes.closed
-                    and self._changes.version(command.kind, command.name) == seen
+                    and self._changes.version(*key) == quiet.version
                     and (slice_s := wake_at - time.monotonic()) > 0
                 ):
-                    self._changes.wait(command.kind, command.name, seen, min(slice_s, 1.0))
+                    self._changes.wait(*key, quiet.version, min(slice_s, 1.0))
             finally:
                 joined = not self._replication.withdraw(rider)
             if joined:
@@ -795,10 +830,32 @@ class BrokerService(pb_grpc.BrokerServicer):
                     raise ridden
                 assert isinstance(ridden, Deliveries)
                 if ridden.deliveries:
-                    return ridden
+                    return ridden, _quiet_after(ridden, versions)
             if self._changes.closed:
                 raise Unavailable("the node is shutting down; retry on another node")
             self._replication.check_leader()
+            if (
+                joined  # others took what that publish brought
+                or self._changes.version(*key) != quiet.version
+                or (wake_at < deadline and time.monotonic() >= wake_at)  # a lease ended
+            ):
+                quiet = None  # look again
+
+    def _consume_now(
+        self, command: ConsumeCommand, context: grpc.ServicerContext
+    ) -> tuple[Deliveries, _Quiet | None]:
+        key = (command.kind, command.name)
+        versions: list[int] = []
+        at_commit = self._note_version(key, versions)
+        (result,) = self._replication.propose_many([command], self._timeout_s(context), at_commit)
+        if isinstance(result, ChasquiError):
+            raise result
+        assert isinstance(result, Deliveries)
+        return result, _quiet_after(result, versions)
+
+    def _note_version(self, key: tuple[Kind, str], versions: list[int]) -> AtCommit:
+        """An `AtCommit` that notes the change board's version of `key` in `versions`."""
+        return lambda: versions.append(self._changes.version(*key))
 
     @_rpc_stream
     def ConsumeStream(
@@ -830,6 +887,7 @@ class BrokerService(pb_grpc.BrokerServicer):
 
         threading.Thread(target=read_grants, name="chasqui-stream-credit", daemon=True).start()
         next_offset = _next_offset(first)
+        quiet: _Quiet | None = None
         while context.is_active() and not credit.closed:
             available = credit.wait_available(STREAM_RECHECK_S)
             if not available:
@@ -843,7 +901,9 @@ class BrokerService(pb_grpc.BrokerServicer):
                 visibility_timeout_ms=first.visibility_timeout_ms,
                 next_offset=next_offset,
             )
-            result = self._consume_until(command, time.monotonic() + STREAM_RECHECK_S, context)
+            result, quiet = self._consume_until(
+                command, time.monotonic() + STREAM_RECHECK_S, context, quiet
+            )
             if result.deliveries:
                 if kind is Kind.TOPIC:  # what this stream pushed, the client has received
                     next_offset = result.deliveries[-1].sequence + 1
@@ -1020,6 +1080,14 @@ class BrokerService(pb_grpc.BrokerServicer):
         if remaining is None:
             return limits.MEMBERSHIP_CHANGE_TIMEOUT_S
         return max(0.05, min(limits.MEMBERSHIP_CHANGE_TIMEOUT_S, remaining - 0.05))
+
+
+def _quiet_after(result: Deliveries, versions: list[int]) -> _Quiet | None:
+    """What a consume's result says for the next one (see `_Quiet`); `versions` holds the
+    change board's version noted when it applied."""
+    if result.more_ready or not versions:
+        return None
+    return _Quiet(versions[0], result.next_ready_ms)
 
 
 def _next_offset(request: Any) -> int:

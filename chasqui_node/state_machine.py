@@ -1457,9 +1457,15 @@ class _Applier:
         deliveries: list[Delivery] = []
         reply_bytes = 0
         depth_before = queue.depth
+        # Unless the loop stops at a message not yet visible, one may be ready after the last.
+        more_ready = len(candidates) == command.max_messages + limits.RETENTION_PURGE_PER_COMMAND
         for key, _ in candidates:
             visible_at_ms, sequence = _read_u64(key, 9), _read_u64(key, 17)
-            if visible_at_ms > self.clock or len(deliveries) >= command.max_messages:
+            if visible_at_ms > self.clock:
+                more_ready = False
+                break
+            if len(deliveries) >= command.max_messages:
+                more_ready = True
                 break
             value = self.store.get(_queue_message_key(queue.incarnation, sequence))
             assert value is not None, "visibility index points at a missing message"
@@ -1475,6 +1481,7 @@ class _Applier:
                 continue
             reply_bytes += _reply_bytes(command.name, message.producer_id, message.body)
             if deliveries and reply_bytes > limits.CONSUME_BYTES_MAX:
+                more_ready = True
                 break  # the reply is full; this message stays ready for the next consume
             message.delivery_count += 1
             message.leased = True
@@ -1493,12 +1500,11 @@ class _Applier:
             )
         if queue.depth != depth_before:
             self.put_queue_meta(command.name, queue)
-        next_ready_ms = 0
-        if not deliveries:
-            first = self.store.scan(prefix, limit=1)
-            if first:
-                next_ready_ms = _read_u64(first[0][0], 9)
-        return Deliveries(tuple(deliveries), next_ready_ms)
+        if more_ready:
+            return Deliveries(tuple(deliveries), more_ready=True)
+        # Every stored message is leased or delayed now (those just delivered included).
+        first = self.store.scan(prefix, limit=1)
+        return Deliveries(tuple(deliveries), _read_u64(first[0][0], 9) if first else 0)
 
     def consume_topic(self, user: UserInfo, command: Consume) -> Result:
         topic = self.existing_topic(command.name)
@@ -1523,6 +1529,7 @@ class _Applier:
         deadline_ms = self.clock + visibility_ms
         deliveries: list[Delivery] = []
         reply_bytes = 0
+        more_ready = False
         for row_key, value in self.topic_rows(topic, cursor.delivered, command.max_messages):
             offset = _read_u64(row_key, 9)
             publish_time_ms, producer_len = _TOPIC_MESSAGE.unpack_from(value)
@@ -1531,6 +1538,7 @@ class _Applier:
             body = value[header + producer_len :]
             reply_bytes += _reply_bytes(command.name, producer_id, body)
             if deliveries and reply_bytes > limits.CONSUME_BYTES_MAX:
+                more_ready = True
                 break  # the reply is full; the cursor stops before this message
             count = cursor.redeliveries + 1 if offset < cursor.high else 1
             deliveries.append(
@@ -1552,9 +1560,10 @@ class _Applier:
             cursor.lease_deadline_ms = deadline_ms
         if cursor.encode() != before:
             self.store.put(key, cursor.encode())
-        next_ready_ms = 0
-        if not deliveries and cursor.delivered > cursor.acked:
-            next_ready_ms = cursor.lease_deadline_ms
+        if more_ready or len(deliveries) == command.max_messages:  # the topic may hold more
+            return Deliveries(tuple(deliveries), more_ready=True)
+        # At the end of the topic: only the open window's lease ending rewinds the cursor.
+        next_ready_ms = cursor.lease_deadline_ms if cursor.delivered > cursor.acked else 0
         return Deliveries(tuple(deliveries), next_ready_ms)
 
     # -- topic internals ----------------------------------------------------------------------

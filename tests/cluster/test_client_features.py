@@ -102,6 +102,41 @@ def test_stream_window_and_failover(cluster: Cluster) -> None:
     assert client.consume_queue("jobs", timeout_s=0.5) is None
 
 
+def test_a_waiting_stream_takes_each_message_in_the_entry_that_publishes_it(
+    cluster: Cluster,
+) -> None:
+    """A stream that has taken all there was rides the next publish instead of proposing a
+    consume of its own per delivery: N messages published one at a time to it cost about N
+    Raft entries, not 2N. (A publish that races the stream's return to waiting costs one more
+    entry, hence the margin; without riding every message costs two.)"""
+    client = cluster.client(call_timeout_s=20)
+    client.create_queue("feed")
+    received: list[bytes] = []
+    stream = client.stream_queue("feed", window=200)
+
+    def pull() -> None:
+        for message in stream:
+            received.append(message.body)
+
+    puller = threading.Thread(target=pull, daemon=True)
+    puller.start()
+    client.publish_queue("feed", b"warm-up")
+    wait_until(lambda: len(received) == 1, 20, "the stream's first delivery")
+    leader = cluster.wait_for_leader()
+    time.sleep(0.2)  # the stream is waiting again
+    before = cluster.node_status(leader).commit_index
+    messages = 40
+    for number in range(messages):
+        client.publish_queue("feed", b"m%d" % number)
+        wait_until(lambda n=number: len(received) == n + 2, 20, f"delivery of m{number}")
+        time.sleep(0.05)  # let it return to waiting: a race would only cost an entry
+    entries = cluster.node_status(leader).commit_index - before
+    stream.close()
+    puller.join(10)
+    assert received == [b"warm-up"] + [b"m%d" % n for n in range(messages)]
+    assert entries <= messages + 12, f"{entries} Raft entries for {messages} messages"
+
+
 def test_publisher_across_a_leader_kill(cluster: Cluster) -> None:
     client = cluster.client(call_timeout_s=20)
     client.create_queue("jobs")

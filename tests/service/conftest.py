@@ -22,7 +22,14 @@ import pytest
 from chasqui_node import limits
 from chasqui_node.commands import Command, Entry, Kind, Result, decode_entry, encode_entry
 from chasqui_node.errors import NoLeader, NotLeader
-from chasqui_node.replication import Member, ReplicationStatus, Rider, RiderBoard, Role
+from chasqui_node.replication import (
+    AtCommit,
+    Member,
+    ReplicationStatus,
+    Rider,
+    RiderBoard,
+    Role,
+)
 from chasqui_node.server import GRPC_CONCURRENT_CALLS_MAX, GRPC_WORKERS
 from chasqui_node.service import BrokerService, ChangeBoard
 from chasqui_node.state_machine import MemoryStore, StateMachine, Store
@@ -91,7 +98,9 @@ class FakeReplication:
             raise NoLeader()
         raise NotLeader(self.node_id, leader.node_id, leader.client_address)
 
-    def propose_many(self, commands: Sequence[Command], timeout_s: float) -> list[Result]:
+    def propose_many(
+        self, commands: Sequence[Command], timeout_s: float, at_commit: AtCommit | None = None
+    ) -> list[Result]:
         self.check_leader()
         with self._lock:
             riders = self._riders.take(commands)
@@ -102,6 +111,9 @@ class FakeReplication:
             self.entries.append(entry)
             self._applied_index += 1
             self._change_board.on_applied(entry, results)
+            for noted in (at_commit, *(rider.at_commit for rider in riders)):
+                if noted is not None:
+                    noted()  # before the next entry applies, as the Replicator does
         position = len(commands)
         for rider in riders:
             count = len(rider.commands)
@@ -109,9 +121,11 @@ class FakeReplication:
             position += count
         return results[: len(commands)]
 
-    def ride(self, key: tuple[Kind, str], commands: Sequence[Command]) -> Rider:
+    def ride(
+        self, key: tuple[Kind, str], commands: Sequence[Command], at_commit: AtCommit | None = None
+    ) -> Rider:
         self.rides += 1
-        return self._riders.ride(key, commands)
+        return self._riders.ride(key, commands, at_commit)
 
     def withdraw(self, rider: Rider) -> bool:
         return self._riders.withdraw(rider)

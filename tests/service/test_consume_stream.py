@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from contextlib import suppress
 
 import grpc
 import pytest
 
+from chasqui_node import service
 from chasqui_proto import chasqui_pb2 as pb
 from tests.service.conftest import Broker
 from tests.service.support import Metadata, create_queue, publish
@@ -18,9 +21,15 @@ from tests.service.support import Metadata, create_queue, publish
 class Grants:
     """The client's side of the request stream: put credit in, close to end it."""
 
-    def __init__(self, name: str, credit: int, kind: int = pb.QUEUE) -> None:
+    def __init__(
+        self, name: str, credit: int, kind: int = pb.QUEUE, visibility_timeout_ms: int = 0
+    ) -> None:
         self._queue: queue.Queue[pb.ConsumeStreamRequest | None] = queue.Queue()
-        self._queue.put(pb.ConsumeStreamRequest(kind=kind, name=name, credit=credit))
+        self._queue.put(
+            pb.ConsumeStreamRequest(
+                kind=kind, name=name, credit=credit, visibility_timeout_ms=visibility_timeout_ms
+            )
+        )
 
     def grant(self, credit: int) -> None:
         self._queue.put(pb.ConsumeStreamRequest(credit=credit))
@@ -68,6 +77,67 @@ def test_stream_pushes_up_to_its_credit_and_more_after_a_grant(
                 break
             deadline.wait(0.05)
         assert received == [b"m0", b"m1", b"m2", b"m3", b"m4", b"m5"]
+    finally:
+        grants.close()
+        responses.cancel()
+        reader.join(timeout=10)
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.01)
+
+
+def test_a_stream_that_took_all_there_was_rides_the_next_publish_without_asking(
+    broker: Broker, user: Metadata, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No periodic re-check during the test: every consume in the log is the stream's choice.
+    monkeypatch.setattr(service, "STREAM_RECHECK_S", 60.0)
+    create_queue(broker.stub, user, "jobs")
+    grants = Grants("jobs", credit=100)
+    responses = broker.stub.ConsumeStream(iter(grants), metadata=user, timeout=30)
+    received: list[bytes] = []
+    reader = threading.Thread(target=collect, args=(responses, received))
+    reader.start()
+    replication = broker.replication
+    try:
+        for number in range(3):
+            wait_until(lambda n=number: replication.rides == n + 1, "the stream waits to ride")
+            publish(broker.stub, user, "jobs", f"m{number}".encode())
+            wait_until(lambda n=number: len(received) == n + 1, "the message arrives")
+        assert received == [b"m0", b"m1", b"m2"]
+        kinds = [[type(c).__name__ for c in entry.commands] for entry in replication.entries]
+        consumes = [names for names in kinds if "Consume" in names]
+        # One look when the stream opened; then each message came in its publish's entry.
+        assert consumes == [["Consume"]] + [["Publish", "Consume"]] * 3
+    finally:
+        grants.close()
+        responses.cancel()
+        reader.join(timeout=10)
+
+
+def test_a_waiting_stream_delivers_again_what_it_was_given_once_the_lease_ends(
+    broker: Broker, user: Metadata
+) -> None:
+    create_queue(broker.stub, user, "jobs")
+    grants = Grants("jobs", credit=10, visibility_timeout_ms=200)
+    responses = broker.stub.ConsumeStream(iter(grants), metadata=user, timeout=30)
+    counts: list[int] = []
+
+    def read() -> None:
+        with suppress(grpc.RpcError):
+            for response in responses:
+                counts.extend(d.delivery_count for d in response.deliveries)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        publish(broker.stub, user, "jobs", b"m")
+        wait_until(lambda: counts == [1], "the first delivery")
+        broker.clock.advance(200)  # the lease ends; no publish follows to ride
+        wait_until(lambda: counts == [1, 2], "the second delivery")
     finally:
         grants.close()
         responses.cancel()

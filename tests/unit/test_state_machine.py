@@ -561,6 +561,60 @@ def test_empty_queue_has_no_next_ready_time(broker: Broker) -> None:
     assert broker.consume() == Deliveries((), 0)
 
 
+def test_a_consume_that_takes_all_that_is_ready_says_when_more_may_be(broker: Broker) -> None:
+    broker.queue(visibility_timeout_ms=1000)
+    broker.publish()
+    broker.publish(delay_ms=500)
+    result = broker.consume(count=5)
+    assert [d.sequence for d in result.deliveries] == [0]
+    assert not result.more_ready
+    assert result.next_ready_ms == START_MS + 500  # the delayed one, before the lease ends
+    broker.advance(500)
+    result = broker.consume(count=5)
+    assert [d.sequence for d in result.deliveries] == [1]
+    assert (result.more_ready, result.next_ready_ms) == (False, START_MS + 1000)
+
+
+def test_a_consume_stopped_by_its_count_says_more_are_ready(broker: Broker) -> None:
+    broker.queue()
+    broker.publish()
+    broker.publish()
+    first = broker.consume(count=1)
+    assert len(first.deliveries) == 1
+    assert first.more_ready
+    last = broker.consume(count=1)
+    assert len(last.deliveries) == 1
+    assert (last.more_ready, last.next_ready_ms) == (False, START_MS + VISIBILITY_MS)
+
+
+def test_a_consume_stopped_by_its_reply_size_says_more_are_ready(broker: Broker) -> None:
+    broker.queue()
+    big = b"x" * limits.MESSAGE_BYTES_MAX
+    messages = limits.CONSUME_BYTES_MAX // limits.MESSAGE_BYTES_MAX + 1
+    for _ in range(messages):
+        broker.publish(body=big)
+    first = broker.consume(count=messages)
+    assert len(first.deliveries) == messages - 1
+    assert first.more_ready
+    last = broker.consume(count=messages)
+    assert len(last.deliveries) == 1
+    assert not last.more_ready
+
+
+def test_a_topic_consume_says_whether_it_reached_the_end(broker: Broker) -> None:
+    broker.topic()
+    broker.ok(Subscribe(BOB, T, "news"))
+    for _ in range(3):
+        broker.publish("news", kind=T)
+    first = broker.consume("news", count=2, kind=T)
+    assert len(first.deliveries) == 2
+    assert first.more_ready  # as many as asked for: the topic may hold more
+    rest = broker.consume("news", count=2, kind=T)
+    assert len(rest.deliveries) == 1
+    # At the end: only the open window's lease ending (a rewind) makes something ready.
+    assert (rest.more_ready, rest.next_ready_ms) == (False, START_MS + VISIBILITY_MS)
+
+
 def test_redelivery_after_lease_expiry_increments_delivery_count(broker: Broker) -> None:
     broker.queue(visibility_timeout_ms=1000)
     broker.publish()
