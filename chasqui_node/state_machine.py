@@ -1459,43 +1459,55 @@ class _Applier:
         depth_before = queue.depth
         # Unless the loop stops at a message not yet visible, one may be ready after the last.
         more_ready = len(candidates) == command.max_messages + limits.RETENTION_PURGE_PER_COMMAND
+        # The hot path of consuming: each lease is written from the stored header and bytes
+        # (no _QueueMessage, no re-encoding of the body); the old index key is the candidate's.
+        store, clock, name = self.store, self.clock, command.name
+        message_prefix = _P_QUEUE_MESSAGE + _u64(queue.incarnation)
+        lease_deadline_ms = clock + visibility_ms
+        leased_prefix = prefix + _u64(lease_deadline_ms)
+        header_size, pack_header = _QUEUE_MESSAGE.size, _QUEUE_MESSAGE.pack
         for key, _ in candidates:
-            visible_at_ms, sequence = _read_u64(key, 9), _read_u64(key, 17)
-            if visible_at_ms > self.clock:
+            if _read_u64(key, 9) > clock:
                 more_ready = False
                 break
             if len(deliveries) >= command.max_messages:
                 more_ready = True
                 break
-            value = self.store.get(_queue_message_key(queue.incarnation, sequence))
+            sequence_bytes = key[17:]
+            message_key = message_prefix + sequence_bytes
+            value = store.get(message_key)
             assert value is not None, "visibility index points at a missing message"
-            message = _QueueMessage.decode(value)
-            expired = (
-                queue.message_ttl_ms > 0
-                and message.publish_time_ms + queue.message_ttl_ms <= self.clock
-            )
-            exhausted = 0 < queue.max_deliveries <= message.delivery_count
-            if expired or exhausted:
-                self.remove_message(queue, sequence, message)
-                self.dead_letter(command.name, queue, message)
+            publish_time_ms, _, count, _, producer_len = _QUEUE_MESSAGE.unpack_from(value)
+            expired = queue.message_ttl_ms > 0 and publish_time_ms + queue.message_ttl_ms <= clock
+            if expired or 0 < queue.max_deliveries <= count:
+                message = _QueueMessage.decode(value)
+                self.remove_message(queue, _read_u64(key, 17), message)
+                self.dead_letter(name, queue, message)
                 continue
-            reply_bytes += _reply_bytes(command.name, message.producer_id, message.body)
+            producer_id = value[header_size : header_size + producer_len].decode()
+            body = value[header_size + producer_len :]
+            reply_bytes += _reply_bytes(name, producer_id, body)
             if deliveries and reply_bytes > limits.CONSUME_BYTES_MAX:
                 more_ready = True
                 break  # the reply is full; this message stays ready for the next consume
-            message.delivery_count += 1
-            message.leased = True
-            self.move_visibility(queue, sequence, message, self.clock + visibility_ms)
+            count += 1
+            store.delete(key)
+            store.put(leased_prefix + sequence_bytes, _LEASED)
+            store.put(
+                message_key,
+                pack_header(publish_time_ms, lease_deadline_ms, count, True, producer_len)
+                + value[header_size:],
+            )
             deliveries.append(
                 Delivery(
                     Kind.QUEUE,
-                    command.name,
-                    sequence,
-                    message.body,
-                    message.delivery_count,
-                    message.publish_time_ms,
-                    message.producer_id,
-                    message.visible_at_ms,
+                    name,
+                    _read_u64(key, 17),
+                    body,
+                    count,
+                    publish_time_ms,
+                    producer_id,
+                    lease_deadline_ms,
                 )
             )
         if queue.depth != depth_before:
@@ -1665,13 +1677,26 @@ class _Applier:
         _authorize(user, "consume", Kind.QUEUE, name, queue)
         depth_before = queue.depth
         first_refusal: ChasquiError | None = None
+        # The hot path of acking reads only the stored header (see `check_lease` for the rule).
+        store, clock = self.store, self.clock
+        incarnation = _u64(queue.incarnation)
+        message_prefix = _P_QUEUE_MESSAGE + incarnation
+        visibility_prefix = _P_VISIBILITY + incarnation
         for sequence, delivery_count in items:
             try:
-                message = self.stored_message(queue, name, sequence)
-                if message is None:
+                if not 0 <= sequence < queue.next_sequence:
+                    raise NotFound(f'message {sequence} was never published to queue "{name}"')
+                sequence_bytes = _u64(sequence)
+                value = store.get(message_prefix + sequence_bytes)
+                if value is None:
                     continue  # acked before (or dropped): acks are idempotent
-                self.check_lease(name, sequence, delivery_count, message)
-                self.remove_message(queue, sequence, message)
+                _, visible_at_ms, count, leased, _ = _QUEUE_MESSAGE.unpack_from(value)
+                if not (1 <= delivery_count == count and leased and visible_at_ms > clock):
+                    message = _QueueMessage.decode(value)
+                    self.check_lease(name, sequence, delivery_count, message)  # raises
+                store.delete(message_prefix + sequence_bytes)
+                store.delete(visibility_prefix + _u64(visible_at_ms) + sequence_bytes)
+                queue.depth -= 1
             except ChasquiError as error:
                 first_refusal = first_refusal or error
         if queue.depth != depth_before:
