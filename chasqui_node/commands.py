@@ -15,6 +15,7 @@ from __future__ import annotations
 import binascii
 import dataclasses
 import enum
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -343,8 +344,10 @@ class Unsubscribed:
     name: str
 
 
-@dataclass(frozen=True)
-class Receipt:
+class Receipt(NamedTuple):
+    """Where a published message went. (A named tuple, like `Delivery`: every node builds one
+    per published message.)"""
+
     kind: Kind
     name: str
     sequence: int  # position in the queue or offset in the topic
@@ -569,6 +572,21 @@ def _decode_value(value_type: type[Any], raw: Any) -> Any:
     return raw
 
 
+_strict_a2b_base64 = functools.partial(binascii.a2b_base64, strict_mode=True)
+
+
+def _decode_list(value_type: type[Any], raw: list[Any]) -> tuple[Any, ...]:
+    """A tuple field's elements, as `_decode_value` decodes each. The lists of a batch hold
+    hundreds of elements, so the common element types are checked and decoded in C (one
+    Python call per element was a tenth of applying a publish batch)."""
+    element_types = set(map(type, raw))
+    if value_type is bytes and element_types <= {str}:
+        return tuple(map(_strict_a2b_base64, raw))
+    if value_type in (int, str) and element_types <= {value_type}:
+        return tuple(raw)
+    return tuple(_decode_value(value_type, each) for each in raw)  # raises for the odd one
+
+
 def decode_command(item: Any) -> Command:
     if not isinstance(item, list) or not item or not isinstance(item[0], int):
         raise MalformedEntry(f"command is not a tagged list: {item!r:.80}")
@@ -595,7 +613,7 @@ def decode_command(item: Any) -> Command:
                 continue
             if not isinstance(raw, list):
                 raise MalformedEntry(f"list expected, got {type(raw).__name__}")
-            values[field.name] = tuple(_decode_value(field.value_type, each) for each in raw)
+            values[field.name] = _decode_list(field.value_type, raw)
             tuple_lengths.add(len(raw))
         except (binascii.Error, TypeError, ValueError) as error:  # MalformedEntry included
             raise MalformedEntry(f"{cls.__name__}.{field.name}: {error}") from error
