@@ -7,7 +7,8 @@ arguments with protocol 2; that format inflates `bytes` about 1.7x and slowly, w
 list `[tag, field, field, ...]` in dataclass field order, with bodies in base64.
 
 Results are never replicated (each replica computes its own, and only the proposing node hands
-them to a client), so they are plain frozen dataclasses with no encoding.
+them to a client), so they are plain frozen dataclasses (named tuples for the ones built per
+message) with no encoding.
 """
 
 from __future__ import annotations
