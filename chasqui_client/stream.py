@@ -52,8 +52,6 @@ from chasqui_proto import chasqui_pb2
 if TYPE_CHECKING:
     from chasqui_client.client import Client
 
-_DeliveryKey = tuple[int, int]  # (sequence, delivery_count)
-
 
 class Stream(ClosedOnExit):
     """An iterator of pushed deliveries; see the module docstring for credit and failover."""
@@ -72,8 +70,10 @@ class Stream(ClosedOnExit):
         self._client = client
         self._visibility_timeout_ms = visibility_timeout_ms
         self._lock = threading.Lock()
-        # Deliveries received and not yet acked or given back: what the window counts.
-        self._outstanding: set[_DeliveryKey] = set()
+        # Deliveries received and not yet acked or given back (what the window counts), as
+        # sequence -> delivery count. A topic's are in ascending offset order (they arrive in
+        # order, and a redelivery first drops every later offset: see `_receive`).
+        self._outstanding: dict[int, int] = {}
         self._buffer: collections.deque[Message] = collections.deque()
         self._requests: queue.SimpleQueue[chasqui_pb2.ConsumeStreamRequest | None] | None = None
         self._call: grpc.Future | None = None  # the open ConsumeStream call, to cancel it
@@ -132,16 +132,20 @@ class Stream(ClosedOnExit):
         credit grant for all of them (one stream message, however many were acked)."""
         with self._lock:
             before = len(self._outstanding)
+            outstanding = self._outstanding
             if self.kind is Kind.TOPIC and acked:
                 # Cumulative: everything up to the highest offset acked is done.
                 highest = max(message.sequence for message in messages)
-                self._outstanding = {item for item in self._outstanding if item[0] > highest}
+                for offset in [offset for offset in outstanding if offset <= highest]:
+                    del outstanding[offset]
             elif self.kind is Kind.TOPIC:
                 # A topic nack rewinds the window: every unacked delivery will come again.
-                self._outstanding.clear()
+                outstanding.clear()
             else:
-                self._outstanding -= {(m.sequence, m.delivery_count) for m in messages}
-            self._grant(before - len(self._outstanding))
+                for message in messages:
+                    if outstanding.get(message.sequence) == message.delivery_count:
+                        del outstanding[message.sequence]
+            self._grant(before - len(outstanding))
 
     def _grant(self, credit: int) -> None:
         """Sends `credit` to the open stream. Call with the lock held; if no stream is open the
@@ -182,17 +186,23 @@ class Stream(ClosedOnExit):
             with self._lock:
                 self._grant(len(duplicates))
         with self._lock:
+            outstanding = self._outstanding
             for delivery in deliveries:
                 message = Message.from_proto(delivery, owner=self._client, stream=self)
-                self._next_offset = message.sequence + 1
+                sequence = message.sequence
+                self._next_offset = sequence + 1
                 if self.kind is Kind.QUEUE:
                     # A redelivery replaces an expired lease of the same message.
-                    stale = {item for item in self._outstanding if item[0] == message.sequence}
+                    stale = [sequence] if sequence in outstanding else []
+                elif outstanding and next(reversed(outstanding)) >= sequence:
+                    # The topic's window rewound: this replaces every offset from here on.
+                    stale = [held for held in outstanding if held >= sequence]
                 else:
-                    stale = {item for item in self._outstanding if item[0] >= message.sequence}
-                self._outstanding -= stale
+                    stale = []
+                for held in stale:
+                    del outstanding[held]
                 self._grant(len(stale))
-                self._outstanding.add((message.sequence, message.delivery_count))
+                outstanding[sequence] = message.delivery_count
                 self._buffer.append(message)
 
     def _rewind(self, deliveries: list[chasqui_pb2.Delivery]) -> None:

@@ -175,6 +175,34 @@ def test_stream_process_nack_returns_credit_and_redelivers(client: Client) -> No
         assert stream.unacked == 0
 
 
+def test_stream_a_redelivery_takes_the_place_of_the_expired_delivery_in_the_window(
+    broker: Broker, client: Client
+) -> None:
+    client.create_queue("jobs")
+    client.publish_many_queue("jobs", [b"m0", b"m1"])
+    with client.stream_queue("jobs", window=3, visibility_timeout_s=0.2) as stream:
+        first = [next(stream), next(stream)]
+        assert [(m.body, m.delivery_count) for m in first] == [(b"m0", 1), (b"m1", 1)]
+        broker.clock.advance(200)  # both leases end; the stream has one credit left
+        again = [next(stream), next(stream)]
+        assert sorted((m.body, m.delivery_count) for m in again) == [(b"m0", 2), (b"m1", 2)]
+        assert stream.unacked == 2  # each redelivery replaced its expired delivery
+        with pytest.raises(errors.FailedPrecondition):
+            client.ack(first[0])  # the expired delivery: refused, and nothing is freed
+        assert stream.unacked == 2
+        client.ack(again)
+        assert stream.unacked == 0
+        # All three credits are back: three new messages come without another ack.
+        client.publish_many_queue("jobs", [b"m2", b"m3", b"m4"])
+        taken: list[bytes] = []
+        taker = threading.Thread(
+            target=lambda: taken.extend(next(stream).body for _ in range(3)), daemon=True
+        )
+        taker.start()
+        taker.join(10)
+        assert taken == [b"m2", b"m3", b"m4"]
+
+
 def test_stream_on_a_follower_follows_the_hint_then_raises_when_no_leader_answers(
     broker: Broker,
 ) -> None:
