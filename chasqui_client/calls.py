@@ -292,14 +292,12 @@ def publish_batch(
     sequence, so a retried batch is recognised message by message."""
     assert len(payloads) == len(sequences)
     request = chasqui_pb2.PublishBatchRequest(
-        kind=kind.to_proto(),
-        name=name,
-        producer_id=producer_id,
-        items=[
-            chasqui_pb2.PublishBatchRequest.Item(body=payload, sequence=sequence, delay_ms=delay_ms)
-            for payload, sequence in zip(payloads, sequences, strict=True)
-        ],
+        kind=kind.to_proto(), name=name, producer_id=producer_id
     )
+    # Items added in place: 0.7-0.8 us each against 1.8 for building and copying them in.
+    add = request.items.add
+    for payload, sequence in zip(payloads, sequences, strict=True):
+        add(body=payload, sequence=sequence, delay_ms=delay_ms)
 
     def receipts(response: chasqui_pb2.PublishBatchResponse) -> list[Receipt]:
         if len(response.receipts) != len(payloads):
@@ -368,7 +366,10 @@ def acks(
     calls = []
     for start in range(0, len(batch), limits.ACK_BATCH_MAX):
         chunk = batch[start : start + limits.ACK_BATCH_MAX]
-        request = chasqui_pb2.AckRequest(deliveries=[message.to_ref() for message in chunk])
+        request = chasqui_pb2.AckRequest()
+        add = request.deliveries.add  # in place, as for publish_batch's items
+        for message in chunk:
+            add(**message.ref_fields())
         calls.append(
             (chunk, Call("Ack", request, chasqui_pb2.AckResponse, _ignore, idempotent=True))
         )

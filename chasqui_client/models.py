@@ -10,7 +10,7 @@ import inspect
 from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Protocol, Self, cast
+from typing import Any, Protocol, Self, cast
 
 from chasqui_proto import chasqui_pb2
 
@@ -162,12 +162,16 @@ class Message:
         )
 
     def to_ref(self) -> chasqui_pb2.DeliveryRef:
-        return chasqui_pb2.DeliveryRef(
-            kind=self.kind.to_proto(),
-            name=self.name,
-            sequence=self.sequence,
-            delivery_count=self.delivery_count,
-        )
+        return chasqui_pb2.DeliveryRef(**self.ref_fields())
+
+    def ref_fields(self) -> dict[str, Any]:
+        """The fields of this delivery's DeliveryRef (for adding one in place to a request)."""
+        return {
+            "kind": self.kind.to_proto(),
+            "name": self.name,
+            "sequence": self.sequence,
+            "delivery_count": self.delivery_count,
+        }
 
 
 def settle_streams(messages: Iterable[Message], *, acked: bool) -> None:
