@@ -792,7 +792,8 @@ class BrokerService(pb_grpc.BrokerServicer):
         the Raft round that commits it. Changes applied meanwhile (`ChangeBoard`) cover a
         publish proposed before the rider was registered: then the consume is proposed again.
         With `quiet` from the caller's last call (a stream after a delivery), the consume is
-        not proposed first: it rides at once, one entry less per delivery.
+        not proposed first: it rides at once, one entry less per delivery; it is still proposed
+        once `deadline` comes.
         """
         key = (command.kind, command.name)
         if quiet is not None and quiet.stale(self._changes, key):
@@ -804,13 +805,14 @@ class BrokerService(pb_grpc.BrokerServicer):
                     return result, quiet
                 if quiet is None:
                     continue  # it dropped expired messages instead of delivering: look again
-            elif time.monotonic() >= deadline or not context.is_active():
-                if quiet.next_ready_ms and context.is_active():
-                    # Look once per call while leases are out: the entry clock that set their
-                    # deadlines may run ahead of this node's wall clock (a new leader's).
-                    quiet = None
-                    continue
+            elif not context.is_active():
                 return Deliveries(()), quiet
+            elif time.monotonic() >= deadline:
+                # Look once per call all the same, for what the board does not show: the queue
+                # deleted, access revoked, a subscription moved back, or an entry clock (which
+                # set the lease deadlines) ahead of this node's wall clock.
+                quiet = None
+                continue
             wake_at = deadline
             if quiet.next_ready_ms:  # something leased or delayed becomes ready then
                 ready_in_s = max(0.01, quiet.next_ready_ms / 1000 - time.time())

@@ -144,6 +144,36 @@ def test_a_waiting_stream_delivers_again_what_it_was_given_once_the_lease_ends(
         reader.join(timeout=10)
 
 
+def test_a_waiting_stream_ends_when_its_queue_is_deleted(broker: Broker, user: Metadata) -> None:
+    # Deleting a queue makes nothing ready, so no publish wakes the stream: it still looks
+    # once per STREAM_RECHECK_S and ends with NOT_FOUND.
+    create_queue(broker.stub, user, "jobs")
+    grants = Grants("jobs", credit=10)
+    responses = broker.stub.ConsumeStream(iter(grants), metadata=user, timeout=30)
+    outcome: list[grpc.StatusCode] = []
+
+    def read() -> None:
+        try:
+            for _ in responses:
+                pass
+        except grpc.RpcError as error:
+            outcome.append(error.code())
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        wait_until(lambda: broker.replication.rides >= 1, "the stream waits to ride")
+        broker.stub.DeleteQueue(pb.DeleteQueueRequest(name="jobs"), metadata=user, timeout=10)
+        wait_until(
+            lambda: bool(outcome), "the stream ends", timeout_s=10 * service.STREAM_RECHECK_S
+        )
+        assert outcome == [grpc.StatusCode.NOT_FOUND]
+    finally:
+        grants.close()
+        responses.cancel()
+        reader.join(timeout=10)
+
+
 @pytest.mark.parametrize(
     ("name", "code"),
     [("missing", grpc.StatusCode.NOT_FOUND), ("bad name!", grpc.StatusCode.INVALID_ARGUMENT)],
