@@ -9,26 +9,39 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from chasqui_proto import chasqui_pb2 as pb
 from tests.service.conftest import Broker
 from tests.service.support import Metadata, consume, create_queue, create_topic, publish
 
 
-def _publish_later(broker: Broker, user: Metadata, name: str, kind: int, delay_s: float) -> None:
+@contextmanager
+def _publish_later(
+    broker: Broker, user: Metadata, name: str, kind: int, delay_s: float
+) -> Iterator[None]:
+    """Publishes b"late" after `delay_s` while the block runs; waits for that call on leaving
+    (a consumer may get the message before the publisher gets its answer)."""
+
     def run() -> None:
         time.sleep(delay_s)
         publish(broker.stub, user, name, b"late", kind=kind)
 
-    threading.Thread(target=run, daemon=True).start()
+    publisher = threading.Thread(target=run, daemon=True)
+    publisher.start()
+    try:
+        yield
+    finally:
+        publisher.join(timeout=10)
 
 
 def test_consume_wakes_when_a_message_is_published(broker: Broker, user: Metadata) -> None:
     create_queue(broker.stub, user, "orders")
-    _publish_later(broker, user, "orders", pb.QUEUE, delay_s=0.2)
-    started = time.monotonic()
-    deliveries = consume(broker.stub, user, "orders", timeout_s=2.0)
-    elapsed = time.monotonic() - started
+    with _publish_later(broker, user, "orders", pb.QUEUE, delay_s=0.2):
+        started = time.monotonic()
+        deliveries = consume(broker.stub, user, "orders", timeout_s=2.0)
+        elapsed = time.monotonic() - started
     assert [d.body for d in deliveries] == [b"late"]
     assert 0.15 <= elapsed < 1.5
 
@@ -36,11 +49,12 @@ def test_consume_wakes_when_a_message_is_published(broker: Broker, user: Metadat
 def test_topic_consume_wakes_when_a_message_is_published(broker: Broker, user: Metadata) -> None:
     create_topic(broker.stub, user, "news")
     broker.stub.Subscribe(pb.SubscribeRequest(kind=pb.TOPIC, name="news"), metadata=user)
-    _publish_later(broker, user, "news", pb.TOPIC, delay_s=0.2)
-    started = time.monotonic()
-    deliveries = consume(broker.stub, user, "news", kind=pb.TOPIC, timeout_s=2.0)
+    with _publish_later(broker, user, "news", pb.TOPIC, delay_s=0.2):
+        started = time.monotonic()
+        deliveries = consume(broker.stub, user, "news", kind=pb.TOPIC, timeout_s=2.0)
+        elapsed = time.monotonic() - started
     assert [d.body for d in deliveries] == [b"late"]
-    assert time.monotonic() - started < 1.5
+    assert elapsed < 1.5
 
 
 def test_a_waiting_consume_rides_in_the_entry_of_the_next_publish(
@@ -79,20 +93,23 @@ def test_consume_wakes_when_a_batch_is_published(broker: Broker, user: Metadata)
         time.sleep(0.2)
         broker.stub.PublishBatch(request, metadata=user, timeout=5)
 
-    threading.Thread(target=run, daemon=True).start()
+    publisher = threading.Thread(target=run, daemon=True)
+    publisher.start()
     started = time.monotonic()
     deliveries = consume(broker.stub, user, "orders", max_messages=10, timeout_s=3.0)
+    elapsed = time.monotonic() - started
+    publisher.join(timeout=10)  # it may get its answer after the consumer got the messages
     assert [d.body for d in deliveries] == [b"late-1", b"late-2"]
-    assert time.monotonic() - started < 2.0
+    assert elapsed < 2.0
 
 
 def test_consume_is_not_woken_by_another_queue(broker: Broker, user: Metadata) -> None:
     create_queue(broker.stub, user, "orders")
     create_queue(broker.stub, user, "returns")
-    _publish_later(broker, user, "returns", pb.QUEUE, delay_s=0.05)
-    started = time.monotonic()
-    assert consume(broker.stub, user, "orders", timeout_s=0.4) == []
-    assert time.monotonic() - started >= 0.35
+    with _publish_later(broker, user, "returns", pb.QUEUE, delay_s=0.05):
+        started = time.monotonic()
+        assert consume(broker.stub, user, "orders", timeout_s=0.4) == []
+        assert time.monotonic() - started >= 0.35
 
 
 def test_consume_on_empty_queue_returns_empty_after_timeout(broker: Broker, user: Metadata) -> None:
