@@ -18,6 +18,7 @@ secret and any `Bearer` token should a library ever echo one.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -364,6 +365,12 @@ def start(
         # Serving or voting with a damaged log could lose or invent confirmed messages.
         logger.critical("refusing to start: %s", error)
         raise SystemExit(3) from error
+
+    # What start-up built (about 42,000 objects: modules, gRPC, pysyncobj) lives as long as
+    # the process. Frozen, it is left out of the cyclic collector's full passes, which took
+    # 15-50 ms each during W4 (a pause in every call in flight) and about 2 ms after.
+    gc.collect()
+    gc.freeze()
 
     def on_signal(signum: int, _frame: Any) -> None:
         logger.info("received %s, shutting down", signal.Signals(signum).name)
