@@ -257,7 +257,10 @@ def main() -> None:
     default=RaftTimings().log_compaction_entries_min,
     show_default=True,
     envvar="CHASQUI_RAFT_COMPACTION_ENTRIES",
-    help="Snapshot the state and trim the Raft log after this many entries.",
+    help=(
+        "Snapshot the state and trim the Raft log after this many entries (up to 1.5 times as"
+        " many, staggered by node, so the nodes do not all pause at once)."
+    ),
 )
 @click.option(
     "--admin-key-file",

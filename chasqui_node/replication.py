@@ -173,6 +173,18 @@ class RaftTimings:
     log_compaction_entries_min: int = 5000
 
 
+def staggered_compaction_entries(entries_min: int, node_id: str, member_ids: Sequence[str]) -> int:
+    """How long this node's Raft log grows before it snapshots and trims it: `entries_min`
+    for the first member by id, up to half as much again for the last.
+
+    A snapshot stops the node's tick thread while it is written (0.06-0.08 s for a 25 MB
+    state). At one shared threshold every node wrote its snapshot at the same index, at the
+    same moment, and commits stopped on all of them at once; staggered, a follower's pause no
+    longer holds up the majority, and the nodes' cadences differ from then on."""
+    ids = sorted(set(member_ids) | {node_id})
+    return entries_min + entries_min * ids.index(node_id) // (2 * len(ids))
+
+
 class Role(Enum):
     FOLLOWER = "follower"
     CANDIDATE = "candidate"
@@ -834,7 +846,9 @@ class Replicator:
             connectionRetryTime=timings.connection_retry_s,
             connectionTimeout=timings.connection_timeout_s,
             autoTickPeriod=timings.tick_s,
-            logCompactionMinEntries=timings.log_compaction_entries_min,
+            logCompactionMinEntries=staggered_compaction_entries(
+                timings.log_compaction_entries_min, node_id, [m.node_id for m in members]
+            ),
             commandsWaitLeader=False,
             dynamicMembershipChange=True,
             onStateChanged=self._on_state_changed,
