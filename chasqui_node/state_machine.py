@@ -428,6 +428,11 @@ def _reply_bytes(name: str, producer_id: str, body: bytes) -> int:
     return len(body) + len(name) + len(producer_id.encode()) + limits.DELIVERY_ENVELOPE_BYTES
 
 
+def _check_assigned(queue: _QueueMeta, queue_name: str, sequence: int) -> None:
+    if not 0 <= sequence < queue.next_sequence:
+        raise NotFound(f'message {sequence} was never published to queue "{queue_name}"')
+
+
 def _check_sequence(what: str, value: int) -> None:
     if not 0 <= value <= INT_MAX:
         raise InvalidArgument(f"{what} must be between 0 and {INT_MAX}, got {value}")
@@ -1684,8 +1689,7 @@ class _Applier:
         visibility_prefix = _P_VISIBILITY + incarnation
         for sequence, delivery_count in items:
             try:
-                if not 0 <= sequence < queue.next_sequence:
-                    raise NotFound(f'message {sequence} was never published to queue "{name}"')
+                _check_assigned(queue, name, sequence)
                 sequence_bytes = _u64(sequence)
                 value = store.get(message_prefix + sequence_bytes)
                 if value is None:
@@ -1810,8 +1814,7 @@ class _Applier:
         self, queue: _QueueMeta, queue_name: str, sequence: int
     ) -> _QueueMessage | None:
         """The stored message (None when acked or dropped); NotFound if never assigned."""
-        if not 0 <= sequence < queue.next_sequence:
-            raise NotFound(f'message {sequence} was never published to queue "{queue_name}"')
+        _check_assigned(queue, queue_name, sequence)
         value = self.store.get(_queue_message_key(queue.incarnation, sequence))
         return None if value is None else _QueueMessage.decode(value)
 
