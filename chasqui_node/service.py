@@ -840,12 +840,8 @@ class BrokerService(pb_grpc.BrokerServicer):
             if self._changes.closed:
                 raise Unavailable("the node is shutting down; retry on another node")
             self._replication.check_leader()
-            if (
-                joined  # others took what that publish brought
-                or self._changes.version(*key) != quiet.version
-                or (wake_at < deadline and time.monotonic() >= wake_at)  # a lease ended
-            ):
-                quiet = None  # look again
+            if joined or quiet.stale(self._changes, key):
+                quiet = None  # others took what that publish brought, or something changed
 
     def _consume_now(
         self, command: ConsumeCommand, context: grpc.ServicerContext
