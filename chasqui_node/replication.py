@@ -1,7 +1,8 @@
 """Replication: the one module that imports pysyncobj.
 
-A `Replicator` owns a pysyncobj `SyncObj` with a single replicated method, `apply_entry`, that
-takes one encoded `Entry` (ASCII text; see commands.py for why text). Callers `propose()`
+A `Replicator` owns a pysyncobj `SyncObj` whose replicated methods each take one encoded
+`Entry`: `apply_packed` the packed bytes, `apply_entry` the older text (see commands.py; the
+leader proposes text only for what the packed form cannot hold). Callers `propose()`
 commands from any thread; a proposer thread gathers whatever is waiting into one entry (group
 commit: one Raft round and one LMDB transaction for many commands), stamps the leader's clock,
 and hands it to pysyncobj with a callback. The callback runs on pysyncobj's tick thread when
@@ -50,6 +51,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pysyncobj.pickle
 import pysyncobj.syncobj
 import pysyncobj.tcp_connection
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
@@ -68,7 +70,7 @@ from chasqui_node.commands import (
     Result,
     UnsupportedEntry,
     decode_entry,
-    encode_entry,
+    encode_for_raft,
     readies,
 )
 from chasqui_node.commands import encoded_size as command_encoded_size
@@ -130,6 +132,14 @@ class _AdaptiveZlib:
 
 
 pysyncobj.tcp_connection.zlib = _AdaptiveZlib
+
+# pysyncobj pickles commands and messages with protocol 2, which has no bytes opcode: bytes
+# travel as a latin-1 str re-encoded as UTF-8 (1.5x for random bodies, slowly, and once more
+# when the pickled command is pickled into an append-entries message). Protocol 4 keeps them
+# verbatim. Unpickling reads any protocol, so nodes with and without this understand each
+# other; the packed entry format (commands.py) relies on it.
+RAFT_PICKLE_PROTOCOL = 4
+setattr(pysyncobj.pickle, "__protocol", RAFT_PICKLE_PROTOCOL)  # the module's global
 
 
 def _send_rest_when_writable(connection: Any) -> None:
@@ -608,13 +618,13 @@ class _RaftNode(SyncObj):  # type: ignore[misc]
         self_address: str,
         other_addresses: list[str],
         conf: SyncObjConf,
-        apply_text: Callable[[int, str], list[Result] | None],
+        apply_encoded: Callable[[int, str | bytes], list[Result] | None],
         raft_log: _DurableRaftLog,
         accept_snapshot: Callable[[str], bool],
     ) -> None:
         # Assigned before SyncObj.__init__ so pysyncobj's default serializer would skip it; we
         # use our own serializer anyway, and the state lives in LMDB.
-        self._apply_text = apply_text
+        self._apply_encoded = apply_encoded
         self._raft_log = raft_log
         self._deferring_append_entries = False  # see _SyncObj__sendAppendEntries
         self._append_entries_deferred = False
@@ -755,11 +765,21 @@ class _RaftNode(SyncObj):  # type: ignore[misc]
             },
         )
 
+    # pysyncobj numbers replicated methods by name (with a "_v0" suffix) and logs the number:
+    # apply_entry is 0 and apply_packed 1 in every journal. A new one must sort after both.
+    # pysyncobj applies entries in order on its tick thread and advances raftLastApplied
+    # after each returns, so the entry's index is the next one.
+
     @replicated  # type: ignore[untyped-decorator]
     def apply_entry(self, text: str) -> list[Result] | None:
-        # pysyncobj applies entries in order on its tick thread and advances raftLastApplied
-        # after this returns, so this entry's index is the next one.
-        return self._apply_text(self.raftLastApplied + 1, text)
+        """An entry in the text format (written before the packed one, or its fallback)."""
+        return self._apply_encoded(self.raftLastApplied + 1, text)
+
+    @replicated  # type: ignore[untyped-decorator]
+    def apply_packed(self, data: bytes) -> list[Result] | None:
+        """An entry in the packed format. A node older than this format does not know the
+        method: it stops applying rather than skip the entry (see "Upgrading" in the README)."""
+        return self._apply_encoded(self.raftLastApplied + 1, data)
 
 
 class Replicator:
@@ -858,7 +878,7 @@ class Replicator:
             self._self.raft_address,
             others,
             conf,
-            self._apply_text,
+            self._apply_encoded,
             self._raft_log,
             self._accept_snapshot,
         )
@@ -984,7 +1004,7 @@ class Replicator:
 
     def _submit(self, token: int, batch: list[_Proposal], commands: list[Command]) -> None:
         entry = Entry(now_ms=int(time.time() * 1000), commands=tuple(commands))
-        text = encode_entry(entry)
+        data = encode_for_raft(entry)
 
         def on_committed(results: list[Result] | None, error: int) -> None:
             # Runs on the tick thread. Must never raise (pysyncobj would apply again).
@@ -1007,7 +1027,10 @@ class Replicator:
                 logger.exception("commit callback failed")
 
         try:
-            self._raft.apply_entry(text, callback=on_committed)
+            if isinstance(data, bytes):
+                self._raft.apply_packed(data, callback=on_committed)
+            else:
+                self._raft.apply_entry(data, callback=on_committed)
         except Exception as error:  # pysyncobj refused to queue it (queue full, destroyed)
             self._release_in_flight(token)
             for proposal in batch:
@@ -1027,11 +1050,11 @@ class Replicator:
 
     # -- applying (tick thread) --------------------------------------------------------------
 
-    def _apply_text(self, raft_index: int, text: str) -> list[Result] | None:
+    def _apply_encoded(self, raft_index: int, data: str | bytes) -> list[Result] | None:
         """Apply one committed entry. Never raises: pysyncobj would wedge the node."""
         try:
             try:
-                entry = decode_entry(text)
+                entry = decode_entry(data)
             except UnsupportedEntry as error:
                 # Written by a newer leader: skipping it would diverge from the nodes that
                 # apply it. Stop; once upgraded, this node replays the journal from here.

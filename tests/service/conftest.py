@@ -20,7 +20,7 @@ import grpc
 import pytest
 
 from chasqui_node import limits
-from chasqui_node.commands import Command, Entry, Kind, Result, decode_entry, encode_entry
+from chasqui_node.commands import Command, Entry, Kind, Result, decode_entry, encode_for_raft
 from chasqui_node.errors import NoLeader, NotLeader
 from chasqui_node.replication import (
     AtCommit,
@@ -106,7 +106,7 @@ class FakeReplication:
             riders = self._riders.take(commands)
             carried = [c for rider in riders for c in rider.commands]
             entry = Entry(now_ms=self.clock.now_ms(), commands=(*commands, *carried))
-            entry = decode_entry(encode_entry(entry))  # what a replica would apply
+            entry = decode_entry(encode_for_raft(entry))  # what a replica would apply
             results = self._state_machine.apply_entry(self.store, entry)
             self.entries.append(entry)
             self._applied_index += 1

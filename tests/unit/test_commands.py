@@ -1,10 +1,14 @@
-"""Proves the entry encoding is a faithful, strict round trip: every command type survives
-`encode_entry` / `decode_entry` unchanged, the text is ASCII, and anything `encode_entry` could
-not have produced is refused with `MalformedEntry` rather than turned into a wrong command."""
+"""Proves both entry encodings are faithful, strict round trips: every command type survives
+`encode_entry` (text) and `encode_packed_entry` (bytes) through `decode_entry` unchanged, the
+text is ASCII, the packed form carries bodies raw, and anything neither encoder could have
+produced (including every truncation of a packed entry) is refused with `MalformedEntry`
+rather than turned into a wrong command."""
 
 from __future__ import annotations
 
 import json
+import os
+import struct
 
 import pytest
 
@@ -34,6 +38,8 @@ from chasqui_node.commands import (
     decode_entry,
     encode_command,
     encode_entry,
+    encode_for_raft,
+    encode_packed_entry,
     encoded_size,
 )
 
@@ -184,3 +190,106 @@ MALFORMED_ENTRIES = {
 def test_malformed_entry_is_rejected(text: str) -> None:
     with pytest.raises(MalformedEntry):
         decode_entry(text)
+
+
+# -- the packed format ------------------------------------------------------------------------
+
+
+def test_entry_round_trips_packed() -> None:
+    entry = Entry(now_ms=1_700_000_000_000, commands=tuple(EVERY_COMMAND))
+    packed = encode_for_raft(entry)
+    assert isinstance(packed, bytes)
+    assert decode_entry(packed) == entry
+
+
+def test_packed_bodies_travel_raw_and_lists_as_segments() -> None:
+    bodies = tuple(os.urandom(256) for _ in range(100))
+    command = PublishBatch("h", Kind.QUEUE, "jobs", "p", bodies, tuple(range(100)), (0,) * 100)
+    packed = encode_packed_entry(Entry(1, (command,)))
+    assert packed is not None
+    assert all(body in packed for body in bodies)
+    assert len(packed) < 100 * 256 + 100 * (4 + 8 + 8) + 200  # bodies, lengths, two int lists
+    assert len(packed) < len(encode_entry(Entry(1, (command,))))  # base64 is a third larger
+
+
+def test_values_the_packed_form_cannot_hold_fall_back_to_text() -> None:
+    """An integer beyond int64 in a list (the state machine refuses it by its own rules, alike
+    on every node) must still reach the log intact: in the text format."""
+    huge = PublishBatch("h", Kind.QUEUE, "jobs", "p", (b"a",), (2**64 - 1,), (0,))
+    entry = Entry(1, (EVERY_COMMAND[0], huge))
+    assert encode_packed_entry(entry) is None
+    text = encode_for_raft(entry)
+    assert isinstance(text, str)
+    assert decode_entry(text) == entry
+
+
+def _packed(*commands: Command) -> bytes:
+    packed = encode_packed_entry(Entry(7, commands))
+    assert packed is not None
+    return packed
+
+
+def _with_header(packed: bytes, header: object, version: int = 2) -> bytes:
+    """`packed` with its JSON header replaced (segments kept)."""
+    _version, length = struct.unpack_from("<BI", packed)
+    text = json.dumps(header).encode()
+    return struct.pack("<BI", version, len(text)) + text + packed[5 + length :]
+
+
+_BATCH = PublishBatch("h", Kind.QUEUE, "jobs", "p", (b"ab", b"c"), (1, 2), (0, 0))
+_BATCH_PACKED = _packed(_BATCH)
+_BATCH_ITEM = encode_command(_BATCH, [])  # segment references 0, 1, 2
+
+
+def _batch_item_with(position: int, value: object) -> list[object]:
+    item = list(_BATCH_ITEM)
+    item[position] = value
+    return [2, 7, [item]]
+
+
+MALFORMED_PACKED = {
+    "empty": b"",
+    "prefix cut": b"\x02\x00",
+    "older version byte": b"\x01" + _BATCH_PACKED[1:],
+    "header beyond the entry": b"\x02" + struct.pack("<I", 10**6) + _BATCH_PACKED[5:],
+    "header not json": _BATCH_PACKED[:5] + b"{" * (len(_BATCH_PACKED) - 5),
+    "header says version 1": _with_header(_BATCH_PACKED, [1, 7, [_BATCH_ITEM]]),
+    "unknown segment kind": _BATCH_PACKED + b"z\x00\x00\x00\x00",
+    "segment head cut": _BATCH_PACKED + b"q\x00",
+    "int segment beyond the entry": _BATCH_PACKED + b"q\xff\xff\x00\x00",
+    "body lengths beyond the entry": _BATCH_PACKED + b"b\xff\xff\x00\x00",
+    "bodies beyond the entry": _BATCH_PACKED + b"b\x01\x00\x00\x00\x09\x00\x00\x00ab",
+    "unreferenced segment": _BATCH_PACKED + b"q\x00\x00\x00\x00",
+    "reference out of range": _with_header(_BATCH_PACKED, _batch_item_with(5, 3)),
+    "reference negative": _with_header(_BATCH_PACKED, _batch_item_with(5, -1)),
+    "reference not int": _with_header(_BATCH_PACKED, _batch_item_with(5, "0")),
+    "reference bool": _with_header(_BATCH_PACKED, _batch_item_with(6, True)),
+    "reference inline list": _with_header(_BATCH_PACKED, _batch_item_with(6, [1, 2])),
+    "reference taken twice": _with_header(_BATCH_PACKED, _batch_item_with(7, 1)),
+    "ints where bodies": _with_header(_BATCH_PACKED, _batch_item_with(5, 1)),
+    "bodies where ints": _with_header(_BATCH_PACKED, [2, 7, [[*_BATCH_ITEM[:5], 1, 0, 2]]]),
+}
+
+
+@pytest.mark.parametrize("data", MALFORMED_PACKED.values(), ids=MALFORMED_PACKED.keys())
+def test_malformed_packed_entry_is_rejected(data: bytes) -> None:
+    with pytest.raises(MalformedEntry) as refused:
+        decode_entry(data)
+    assert not isinstance(refused.value, UnsupportedEntry)
+
+
+def test_every_cut_of_a_packed_entry_is_rejected() -> None:
+    """A torn or truncated entry never decodes into a shorter, wrong one."""
+    packed = _packed(*EVERY_COMMAND)
+    for end in range(len(packed)):
+        with pytest.raises(MalformedEntry):
+            decode_entry(packed[:end])
+
+
+def test_a_packed_entry_of_a_newer_version_is_unsupported() -> None:
+    with pytest.raises(UnsupportedEntry, match="entry version 3 is newer"):
+        decode_entry(b"\x03" + _BATCH_PACKED[1:])
+    with pytest.raises(UnsupportedEntry, match="command tag 999 is newer"):
+        decode_entry(_with_header(_BATCH_PACKED, [2, 7, [[999, "h"]]]))
+    with pytest.raises(MalformedEntry, match="neither text nor bytes"):
+        decode_entry([2, 7, []])  # type: ignore[arg-type]
