@@ -177,6 +177,10 @@ class _BudgetedStore:
         self._spend(len(rows))
         return rows
 
+    def floor(self, prefix: bytes, key: bytes) -> tuple[bytes, bytes] | None:
+        self._spend(1)
+        return self._store.floor(prefix, key)
+
 
 class QueueDepthReader:
     """Reads every queue's depth and leased count from this node's applied state.

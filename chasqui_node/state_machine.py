@@ -33,8 +33,13 @@ values are struct-packed, bodies stored raw.
                                  delivery_count, leased, len(producer_id); producer_id; body
     V<inc><visible_at u64><seq>  visibility index; value b"L" while leased, b"" when ready/delayed
     C<inc><user_id>              queue consumer record (Subscribe kind=QUEUE), empty value
-    D<inc><len u8><producer_id><producer_sequence u64>
-                                 dedup record: >QQ assigned sequence/offset, expires_at_ms
+    D<inc><len u8><producer_id><first producer_sequence u64>
+                                 dedup run: >QQQ last producer_sequence, the sequence/offset
+                                 given to the first, expires_at_ms. One command's new publishes
+                                 with consecutive producer sequences (their sequences/offsets
+                                 are consecutive too) share one run. A 16-byte >QQ record
+                                 (sequence/offset, expires_at_ms), written before runs, is a run
+                                 of one.
     E<expires_at u64><D key without its "D">
                                  dedup expiry index, purged in time order
     X<inc>                       incarnation deleted, its T/S/Q/V/C records still being purged
@@ -56,6 +61,7 @@ only when there is something to purge.
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import struct
 from collections.abc import Callable, Iterable, Iterator
@@ -144,6 +150,10 @@ class Store(Protocol):
         max(prefix, start); at most `limit`."""
         ...
 
+    def floor(self, prefix: bytes, key: bytes) -> tuple[bytes, bytes] | None:
+        """The pair with the greatest key <= `key`, if that key starts with `prefix`."""
+        ...
+
 
 class MemoryStore:
     """A `Store` in a dict plus a sorted key list; for tests and property checks."""
@@ -180,6 +190,13 @@ class MemoryStore:
             index += 1
         return pairs
 
+    def floor(self, prefix: bytes, key: bytes) -> tuple[bytes, bytes] | None:
+        index = bisect.bisect_right(self._keys, key) - 1
+        if index < 0 or not self._keys[index].startswith(prefix):
+            return None
+        found = self._keys[index]
+        return found, self._data[found]
+
     def items(self) -> list[tuple[bytes, bytes]]:
         """Every pair in key order, for comparing replicas."""
         return [(key, self._data[key]) for key in self._keys]
@@ -199,7 +216,8 @@ _U64 = struct.Struct(">Q")
 _TOPIC_MESSAGE = struct.Struct(">QH")
 _QUEUE_MESSAGE = struct.Struct(">QQQ?H")
 _CURSOR = struct.Struct(">QQQQQ")
-_DEDUP = struct.Struct(">QQ")
+_DEDUP = struct.Struct(">QQ")  # a dedup record from before runs
+_DEDUP_RUN = struct.Struct(">QQQ")
 
 _K_CLOCK = b"m:clock"
 _K_USERS = b"m:users"
@@ -343,9 +361,38 @@ class _NewMessage(NamedTuple):
 
     body: bytes
     delay_ms: int
-    dedup_key: bytes  # b"" without a producer id
+    producer_sequence: int
     position: int
-    dedup_value: bytes | None  # the stored dedup record of an expired earlier publish, if any
+
+
+class _DedupRun(NamedTuple):
+    """A stored dedup record: producer sequences first..last were given positions (sequences
+    or offsets) from `position` on, and are duplicates until `expires_at_ms`."""
+
+    key: bytes
+    first: int
+    last: int
+    position: int
+    expires_at_ms: int
+
+    @classmethod
+    def decode(cls, key: bytes, value: bytes) -> _DedupRun:
+        first = _read_u64(key, len(key) - 8)
+        if len(value) == _DEDUP.size:  # written before runs: a run of one
+            position, expires_at_ms = _DEDUP.unpack(value)
+            return cls(key, first, first, position, expires_at_ms)
+        last, position, expires_at_ms = _DEDUP_RUN.unpack(value)
+        return cls(key, first, last, position, expires_at_ms)
+
+
+class _BatchPlan(NamedTuple):
+    """What `plan_batch` decided: every item's receipt, the new items, the dedup key prefix of
+    the producer (b"" without a producer id) and the expired runs the new items replace."""
+
+    receipts: list[Receipt]
+    new_messages: list[_NewMessage]
+    dedup_prefix: bytes
+    expired_runs: list[_DedupRun]
 
 
 @dataclass
@@ -405,11 +452,10 @@ def _consumer_key(incarnation: int, user_id: str) -> bytes:
     return _P_CONSUMER + _u64(incarnation) + user_id.encode()
 
 
-def _dedup_key(incarnation: int, producer_id: str, producer_sequence: int) -> bytes:
+def _dedup_prefix(incarnation: int, producer_id: str) -> bytes:
+    """D<inc><len u8><producer_id>: a producer's dedup runs follow, by first sequence."""
     producer = producer_id.encode()
-    return (
-        _P_DEDUP + _u64(incarnation) + bytes([len(producer)]) + producer + _u64(producer_sequence)
-    )
+    return _P_DEDUP + _u64(incarnation) + bytes([len(producer)]) + producer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -700,12 +746,13 @@ class _Applier:
         self.purge_dedup()
         self.purge_deleted()
 
-    def purge_dedup(self) -> None:
-        """Remove dedup records expired at this clock, oldest first, at most
-        DEDUP_PURGE_PER_COMMAND. The first page is one row: usually the oldest is not due."""
+    def purge_dedup(self, budget: int = 0) -> None:
+        """Remove dedup records expired at this clock, oldest first, at most `budget`
+        (DEDUP_PURGE_PER_COMMAND when 0). The first page is one row: usually the oldest is not
+        due."""
         if self.dedup_expired_none:
             return
-        budget = limits.DEDUP_PURGE_PER_COMMAND
+        budget = budget or limits.DEDUP_PURGE_PER_COMMAND
         page_rows = 1
         while budget > 0:
             asked = min(page_rows, budget)
@@ -1266,97 +1313,131 @@ class _Applier:
                     "delay_ms applies to queues only; topic messages are visible at once"
                 )
 
-    def find_duplicate(
-        self, dedup_prefix: bytes, producer_sequence: int
-    ) -> tuple[bytes, int | None, bytes | None]:
-        """The dedup key (b"" without a producer id, i.e. `dedup_prefix` b""), the sequence or
-        offset given to this publish when it was already applied within the window, and the
-        stored dedup record (None when there is none)."""
-        if not dedup_prefix:
-            return b"", None, None
-        key = dedup_prefix + _u64(producer_sequence)
-        value = self.store.get(key)
-        if value is None:
-            return key, None, None
-        sequence, expires_at_ms = _DEDUP.unpack(value)
-        if expires_at_ms <= self.clock:
-            return key, None, value  # expired but not purged yet: publish anew
-        assigned: int = sequence
-        return key, assigned, value
+    def dedup_run(self, dedup_prefix: bytes, producer_sequence: int) -> _DedupRun | None:
+        """The stored run holding `producer_sequence`, live or expired, if any."""
+        found = self.store.floor(dedup_prefix, dedup_prefix + _u64(producer_sequence))
+        if found is None:
+            return None
+        run = _DedupRun.decode(*found)
+        return run if producer_sequence <= run.last else None
 
-    def plan_batch(
-        self, incarnation: int, command: PublishBatch, next_position: int
-    ) -> tuple[list[Receipt], list[_NewMessage]]:
+    def none_published(self, dedup_prefix: bytes, sequences: tuple[int, ...]) -> bool:
+        """Whether no stored run (live or expired) holds any of `sequences` and none repeats:
+        then every item is new. Two lookups for the batch (runs never overlap: the run below
+        the lowest sequence, and the first run starting at or above it) instead of one per
+        item, which stays the path for retries."""
+        if len(set(sequences)) != len(sequences):
+            return False
+        low = min(sequences)
+        low_key = dedup_prefix + _u64(low)
+        below = self.store.floor(dedup_prefix, low_key)
+        if below is not None and _DedupRun.decode(*below).last >= low:
+            return False
+        above = self.store.scan(dedup_prefix, low_key, limit=1)
+        return not above or _read_u64(above[0][0], len(above[0][0]) - 8) > max(sequences)
+
+    def plan_batch(self, incarnation: int, command: PublishBatch, next_position: int) -> _BatchPlan:
         """Every item's receipt, and the items that are new with the sequence or offset each
         will get. Writes nothing. An item repeating an earlier item of the same batch is a
         duplicate of that item."""
-        receipts: list[Receipt] = []
-        new_messages: list[_NewMessage] = []
-        planned: dict[bytes, int] = {}
-        # D<inc><len u8><producer_id>, shared by every item (see `_dedup_key`).
+        kind, name, sequences = command.kind, command.name, command.sequences
         dedup_prefix = b""
         if command.producer_id:
-            dedup_prefix = _dedup_key(incarnation, command.producer_id, 0)[:-8]
-        kind, name = command.kind, command.name
+            dedup_prefix = _dedup_prefix(incarnation, command.producer_id)
+        if not sequences or not dedup_prefix or self.none_published(dedup_prefix, sequences):
+            positions = range(next_position, next_position + len(sequences))
+            return _BatchPlan(
+                [Receipt(kind, name, position, False) for position in positions],
+                list(map(_NewMessage, command.bodies, command.delays_ms, sequences, positions)),
+                dedup_prefix,
+                [],
+            )
+        receipts: list[Receipt] = []
+        new_messages: list[_NewMessage] = []
+        planned: dict[int, int] = {}
+        expired: dict[bytes, _DedupRun] = {}
         for body, sequence, delay_ms in zip(
-            command.bodies, command.sequences, command.delays_ms, strict=True
+            command.bodies, sequences, command.delays_ms, strict=True
         ):
-            dedup_key, original, dedup_value = self.find_duplicate(dedup_prefix, sequence)
-            if original is None and dedup_key:
-                original = planned.get(dedup_key)
+            run = self.dedup_run(dedup_prefix, sequence)
+            original = planned.get(sequence)
+            if run is not None and run.expires_at_ms > self.clock:
+                original = run.position + sequence - run.first
+            elif run is not None:
+                expired[run.key] = run  # expired, not purged yet: publish anew
             if original is not None:
                 receipts.append(Receipt(kind, name, original, duplicate=True))
                 continue
             position = next_position + len(new_messages)
-            if dedup_key:
-                planned[dedup_key] = position
-            new_messages.append(_NewMessage(body, delay_ms, dedup_key, position, dedup_value))
+            planned[sequence] = position
+            new_messages.append(_NewMessage(body, delay_ms, sequence, position))
             receipts.append(Receipt(kind, name, position, duplicate=False))
-        return receipts, new_messages
+        return _BatchPlan(receipts, new_messages, dedup_prefix, list(expired.values()))
 
-    def remember_publish(self, message: _NewMessage, sequence: int) -> None:
-        """Write the dedup record of a new message. `message.dedup_value` is what
-        `plan_batch` read under its key; nothing between planning and this call writes it."""
-        dedup_key = message.dedup_key
-        if not dedup_key:
+    def remember_publishes(self, plan: _BatchPlan) -> None:
+        """Write the dedup runs of a command's new messages (after the messages): each stretch
+        of consecutive producer sequences is one run (their positions are consecutive by
+        construction). Expired runs holding any of them go first, so runs never overlap."""
+        for run in plan.expired_runs:
+            self.store.delete(_P_DEDUP_EXPIRY + _u64(run.expires_at_ms) + run.key[1:])
+            self.store.delete(run.key)
+        new_messages = plan.new_messages
+        if not plan.dedup_prefix or not new_messages:
             return
-        old = message.dedup_value
-        if old is not None:
-            self.store.delete(_P_DEDUP_EXPIRY + _u64(_DEDUP.unpack(old)[1]) + dedup_key[1:])
         expires_at_ms = self.clock + limits.DEDUP_WINDOW_MS
-        self.store.put(dedup_key, _DEDUP.pack(sequence, expires_at_ms))
-        self.store.put(_P_DEDUP_EXPIRY + _u64(expires_at_ms) + dedup_key[1:], b"")
+        expiry_prefix = _P_DEDUP_EXPIRY + _u64(expires_at_ms)
+        first = new_messages[0]
+        sequences = [message.producer_sequence for message in new_messages]
+        if sequences == list(range(first.producer_sequence, sequences[-1] + 1)):
+            runs = [(first, new_messages[-1])]  # the usual batch: one run
+        else:
+            runs = []
+            for previous, message in itertools.pairwise(new_messages):
+                if message.producer_sequence != previous.producer_sequence + 1:
+                    runs.append((first, previous))
+                    first = message
+            runs.append((first, new_messages[-1]))
+        for start, end in runs:
+            key = plan.dedup_prefix + _u64(start.producer_sequence)
+            self.store.put(
+                key, _DEDUP_RUN.pack(end.producer_sequence, start.position, expires_at_ms)
+            )
+            self.store.put(expiry_prefix + key[1:], b"")
         if expires_at_ms <= self.clock:
             self.dedup_expired_none = False  # a zero dedup window: due at once
+        if len(runs) > 1:
+            # A command purges as many expired runs as it wrote beyond the one of a usual
+            # batch, so scattered sequences cannot outgrow the purge.
+            self.purge_dedup(len(runs))
 
     def publish_topic(self, user: UserInfo, command: PublishBatch) -> Receipts:
         topic = self.existing_topic(command.name)
         _authorize(user, "publish", Kind.TOPIC, command.name, topic)
-        receipts, new_messages = self.plan_batch(topic.incarnation, command, topic.next_offset)
+        plan = self.plan_batch(topic.incarnation, command, topic.next_offset)
         producer = command.producer_id.encode()
         header = _TOPIC_MESSAGE.pack(self.clock, len(producer)) + producer
         key_prefix = _P_TOPIC_MESSAGE + _u64(topic.incarnation)
-        for message in new_messages:
+        for message in plan.new_messages:
             offset = topic.next_offset
             assert offset == message.position, "planned offsets are assigned in order"
             self.store.put(key_prefix + _u64(offset), header + message.body)
             topic.next_offset += 1
             topic.stored_bytes += len(message.body)
             self.purge_topic(topic)
-            self.remember_publish(message, offset)
-        if new_messages:
+        self.remember_publishes(plan)
+        if plan.new_messages:
             self.put_topic_meta(command.name, topic)
-        return Receipts(tuple(receipts))
+        return Receipts(tuple(plan.receipts))
 
     def publish_queue(self, user: UserInfo, command: PublishBatch) -> Receipts:
         queue = self.existing_queue(command.name)
         _authorize(user, "publish", Kind.QUEUE, command.name, queue)
-        receipts, new_messages = self.plan_batch(queue.incarnation, command, queue.next_sequence)
+        plan = self.plan_batch(queue.incarnation, command, queue.next_sequence)
         depth_max = min(queue.max_length or limits.QUEUE_DEPTH_MAX, limits.QUEUE_DEPTH_MAX)
-        adding = len(new_messages)
+        adding = len(plan.new_messages)
         if queue.depth + adding > depth_max and queue.overflow != Overflow.DROP_HEAD.value:
             raise QueueFull(command.name, queue.depth, depth_max, adding)
-        for message in new_messages:
+        for message in plan.new_messages:
             # DROP_HEAD makes room one message at a time, as that many single publishes would:
             # a batch longer than the queue keeps only its own newest messages.
             while queue.depth >= depth_max:
@@ -1364,10 +1445,10 @@ class _Applier:
                     break
             sequence = self.enqueue(queue, command.producer_id, message.body, message.delay_ms)
             assert sequence == message.position, "planned sequences are assigned in order"
-            self.remember_publish(message, sequence)
-        if new_messages:
+        self.remember_publishes(plan)
+        if plan.new_messages:
             self.put_queue_meta(command.name, queue)
-        return Receipts(tuple(receipts))
+        return Receipts(tuple(plan.receipts))
 
     # -- queue internals ----------------------------------------------------------------------
 

@@ -134,6 +134,16 @@ class LmdbStore:
                 break
         return found
 
+    def floor(self, prefix: bytes, key: bytes) -> tuple[bytes, bytes] | None:
+        cursor = self._cursor
+        if cursor.set_range(key):
+            if cursor.key() != key and not cursor.prev():
+                return None
+        elif not cursor.last():
+            return None
+        found = bytes(cursor.key())
+        return (found, bytes(cursor.value())) if found.startswith(prefix) else None
+
 
 class _ReadWriteLock:
     """Many readers or one exclusive holder; the exclusive side is only the snapshot swap."""
