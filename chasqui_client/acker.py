@@ -12,15 +12,23 @@ one Ack call, sent through the client's usual routing and retries; while calls a
 the next batch gathers. Acks need no order, so several calls overlap their Raft rounds, but a
 call starts beside another only for `ACKER_OVERLAP_ACKS_MIN` acks or more (or to flush): at a
 trickle one call at a time carries what gathered during the last one, rather than every ack
-becoming a call and a Raft entry of its own. A stream's credit comes back when the ack of its
-delivery is confirmed, exactly as with `Client.ack`.
+becoming a call and a Raft entry of its own.
+
+Credit. A stream's credit for a delivery comes back when its ack is sent, not when the ack is
+confirmed (`Client.ack`, which blocks, gives it back on confirmation): the delivery has left
+the caller's hands, and the broker has the next ones leased and on their way while the acks
+are replicated, as AMQP's basic.ack frees a prefetch slot when it is sent. So the stream still
+holds at most `window` deliveries, while the broker may hold up to `window` more leased whose
+acks are in flight. Waiting for confirmation instead idled the stream for a Raft round per
+window (W3 in `make bench`: about 30% slower).
 
 Outcomes. A delivery whose lease ended before its ack arrived is delivered again, whatever
 happens here (at-least-once). An Ack call refused for such a delivery (FailedPrecondition)
 still applied the other acks of its batch (each is its own command), so the sender moves on and
-counts the batch in `refused_batches`. Any other failure (the cluster unreachable past the
-retry budget) is kept and raised by the next `flush` or `close`; those deliveries come again
-after their lease.
+counts the batch in `refused_batches` (a refused topic ack rewound the subscription: its stream
+is told, and hands out each offset once as always). Any other failure (the cluster unreachable
+past the retry budget) is kept and raised by the next `flush` or `close`; those deliveries come
+again after their lease, taking credit again.
 
 Threads: `ack`, `flush` and `close` may be called from any thread.
 """
@@ -142,6 +150,7 @@ class Acker(ClosedOnExit):
     def _send(self, batch: list[Message]) -> None:
         failure: errors.ChasquiError | None = None
         refused = False
+        settle_streams(batch, acked=True)  # the credit comes back as the acks leave
         try:
             [(_chunk, call)] = calls.acks(batch)  # one call: a batch is at most ack_batch_max
             self._client._run(call)
@@ -151,10 +160,8 @@ class Acker(ClosedOnExit):
             failure = error
         except Exception as error:  # the thread boundary: keep it for flush()
             failure = errors.ChasquiError(f"acks failed: {error!r}")
-        if failure is None:
-            # Either way these deliveries are no longer held: give their credit back (a refused
-            # topic ack rewound the subscription, which acked=False tells the stream).
-            settle_streams(batch, acked=not refused)
+        if refused:
+            settle_streams(batch, acked=False)  # a topic's stream rewinds with its subscription
         with self._condition:
             self._in_flight -= 1
             self.refused_batches += refused

@@ -306,11 +306,42 @@ def test_acker_acks_a_whole_stream_one_message_at_a_time(client: Client) -> None
     with client.stream_queue("jobs", window=100) as stream, client.acker() as acker:
         for message in stream:
             seen.append(message.text)
-            acker.ack(message)  # returns at once; credit comes back as batches confirm
+            acker.ack(message)  # returns at once; credit comes back as batches are sent
             if len(seen) == 1200:
                 break
     # close() flushed: every ack is applied, so nothing is left to redeliver
     assert sorted(seen) == sorted(f"j{i}" for i in range(1200))
+    assert acker.unconfirmed == 0 and acker.refused_batches == 0
+    assert next(q.depth for q in client.list_queues() if q.name == "jobs") == 0
+
+
+def test_acker_gives_stream_credit_back_as_the_acks_leave_not_when_confirmed(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While an Ack call waits for its Raft round, the stream already receives the next
+    deliveries: the acked ones left the caller's hands when the acker sent them."""
+    client.create_queue("jobs")
+    client.publish_many_queue("jobs", [f"j{i}" for i in range(4)])
+    release = threading.Event()
+    run = client._run
+
+    def held_run(call: Any) -> Any:
+        if call.rpc == "Ack":
+            assert release.wait(30), "the test never released the ack"
+        return run(call)
+
+    monkeypatch.setattr(client, "_run", held_run)
+    with client.stream_queue("jobs", window=2) as stream, client.acker() as acker:
+        first = [next(stream), next(stream)]
+        assert stream.unacked == 2
+        for message in first:
+            acker.ack(message)
+        later = [next(stream), next(stream)]  # would block for good if credit waited
+        assert acker.unconfirmed == 2  # the first acks are still in their call
+        assert [m.text for m in first + later] == ["j0", "j1", "j2", "j3"]
+        release.set()
+        for message in later:
+            acker.ack(message)
     assert acker.unconfirmed == 0 and acker.refused_batches == 0
     assert next(q.depth for q in client.list_queues() if q.name == "jobs") == 0
 
