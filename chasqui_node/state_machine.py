@@ -1388,7 +1388,8 @@ class _Applier:
         expiry_prefix = _P_DEDUP_EXPIRY + _u64(expires_at_ms)
         first = new_messages[0]
         sequences = [message.producer_sequence for message in new_messages]
-        if sequences == list(range(first.producer_sequence, sequences[-1] + 1)):
+        consecutive_span = sequences[-1] - sequences[0] == len(sequences) - 1
+        if consecutive_span and sequences == list(range(sequences[0], sequences[-1] + 1)):
             runs = [(first, new_messages[-1])]  # the usual batch: one run
         else:
             runs = []
