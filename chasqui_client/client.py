@@ -24,7 +24,6 @@ Every other status (INVALID_ARGUMENT, NOT_FOUND, ...) is raised at once as its t
 from __future__ import annotations
 
 import contextlib
-import itertools
 import threading
 import time
 import uuid
@@ -155,7 +154,7 @@ class Client(ClosedOnExit):
         self._topic_offsets: dict[str, int] = {}  # topic -> offset after the last received
         self._router = routing.Router(addresses)
         self._endpoints: dict[str, _Endpoint] = {}
-        self._sequences = itertools.count(1)
+        self._next_sequence = 1  # of this client's producer id; see `_next_sequences`
         self._closing: list[Stream | Publisher | Acker] = []
         self.user_id: str | None = None
         if key is None:
@@ -343,9 +342,8 @@ class Client(ClosedOnExit):
     def _next_sequences(self, count: int) -> int:
         """Reserves `count` consecutive sequence numbers; returns the first."""
         with self._lock:
-            first = next(self._sequences)
-            for _ in range(count - 1):
-                next(self._sequences)
+            first = self._next_sequence
+            self._next_sequence += count
         return first
 
     # ---- consuming -------------------------------------------------------------------------

@@ -4,9 +4,11 @@
         futures = [publisher.publish(f"job-{i}") for i in range(10_000)]
     receipts = [future.result() for future in futures]   # close() flushed them all
 
-`publish(body)` checks the body, gives it the next `(producer_id, sequence)` of the client, and
-returns a `concurrent.futures.Future[Receipt]` at once; it blocks only while `window` messages
-are unconfirmed, so memory stays bounded. One sender thread takes everything waiting (up to 500
+`publish(body)` checks the body and returns a `concurrent.futures.Future[Receipt]` at once; it
+blocks only while `window` messages are unconfirmed, so memory stays bounded. Each batch takes
+the client's next consecutive `(producer_id, sequence)` numbers before it is first sent, and
+its retries keep them, so the broker recognises a retried message (and stores a batch's
+deduplication record as one run). One sender thread takes everything waiting (up to 500
 messages and 4 MiB) into one PublishBatch call, sent through the client's usual routing and
 retries; while that call is in flight, the next batch gathers. If the sender is idle, it waits
 `linger_s` once for a batch to fill. Nothing per message is scheduled: no timer, no task, no
@@ -28,8 +30,7 @@ import collections
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from chasqui_client import calls, errors, limits
 from chasqui_client.models import ClosedOnExit, Kind, Receipt
@@ -38,10 +39,10 @@ if TYPE_CHECKING:
     from chasqui_client.client import Client
 
 
-@dataclass(frozen=True)
-class _Pending:
+class _Pending(NamedTuple):
+    """A published message waiting for its batch (a named tuple: one is built per message)."""
+
     payload: bytes
-    sequence: int
     future: Future[Receipt]
 
 
@@ -94,7 +95,7 @@ class Publisher(ClosedOnExit):
                 raise RuntimeError("publisher is closed")
             future: Future[Receipt] = Future()
             future.set_running_or_notify_cancel()  # a queued publish cannot be taken back
-            self._pending.append(_Pending(payload, self._client._next_sequences(1), future))
+            self._pending.append(_Pending(payload, future))
             self._accepted += 1
             self._condition.notify_all()
         return future
@@ -178,13 +179,14 @@ class Publisher(ClosedOnExit):
             return batch
 
     def _send(self, batch: list[_Pending]) -> None:
+        first = self._client._next_sequences(len(batch))
         call = calls.publish_batch(
             self.kind,
             self.name,
             [item.payload for item in batch],
             0,
             self._client.producer_id,
-            [item.sequence for item in batch],
+            list(range(first, first + len(batch))),
         )
         try:
             receipts = self._client._run(call)
