@@ -64,7 +64,7 @@ import bisect
 import itertools
 import json
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, TypeVar
 
@@ -1433,19 +1433,24 @@ class _Applier:
     def publish_queue(self, user: UserInfo, command: PublishBatch) -> Receipts:
         queue = self.existing_queue(command.name)
         _authorize(user, "publish", Kind.QUEUE, command.name, queue)
-        plan = self.plan_batch(queue.incarnation, command, queue.next_sequence)
+        next_sequence = queue.next_sequence
+        plan = self.plan_batch(queue.incarnation, command, next_sequence)
         depth_max = min(queue.max_length or limits.QUEUE_DEPTH_MAX, limits.QUEUE_DEPTH_MAX)
         adding = len(plan.new_messages)
         if queue.depth + adding > depth_max and queue.overflow != Overflow.DROP_HEAD.value:
             raise QueueFull(command.name, queue.depth, depth_max, adding)
-        for message in plan.new_messages:
+        items = [(message.body, message.delay_ms) for message in plan.new_messages]
+        if queue.depth + adding <= depth_max:
+            self.enqueue(queue, command.producer_id, items)
+        else:
             # DROP_HEAD makes room one message at a time, as that many single publishes would:
             # a batch longer than the queue keeps only its own newest messages.
-            while queue.depth >= depth_max:
-                if not self.drop_head(queue):
-                    break
-            sequence = self.enqueue(queue, command.producer_id, message.body, message.delay_ms)
-            assert sequence == message.position, "planned sequences are assigned in order"
+            for item in items:
+                while queue.depth >= depth_max:
+                    if not self.drop_head(queue):
+                        break
+                self.enqueue(queue, command.producer_id, [item])
+        assert queue.next_sequence == next_sequence + adding, "planned sequences are taken"
         self.remember_publishes(plan)
         if plan.new_messages:
             self.put_queue_meta(command.name, queue)
@@ -1453,19 +1458,33 @@ class _Applier:
 
     # -- queue internals ----------------------------------------------------------------------
 
-    def enqueue(self, queue: _QueueMeta, producer_id: str, body: bytes, delay_ms: int) -> int:
-        sequence = queue.next_sequence
-        visible_at_ms = self.clock + delay_ms
+    def enqueue(
+        self, queue: _QueueMeta, producer_id: str, items: Sequence[tuple[bytes, int]]
+    ) -> None:
+        """Store (body, delay_ms) items at the queue's next sequences, in order. The header
+        and keys that all ready (undelayed) items share are built once for the batch."""
+        clock, put = self.clock, self.store.put
         producer = producer_id.encode()
-        # The encoding of _QueueMessage(clock, visible_at_ms, 0, False, producer_id, body).
-        header = _QUEUE_MESSAGE.pack(self.clock, visible_at_ms, 0, False, len(producer))
         incarnation = _u64(queue.incarnation)
-        sequence_bytes = _u64(sequence)
-        self.store.put(_P_QUEUE_MESSAGE + incarnation + sequence_bytes, header + producer + body)
-        self.store.put(_P_VISIBILITY + incarnation + _u64(visible_at_ms) + sequence_bytes, b"")
-        queue.next_sequence += 1
-        queue.depth += 1
-        return sequence
+        message_prefix = _P_QUEUE_MESSAGE + incarnation
+        visibility_prefix = _P_VISIBILITY + incarnation
+        # The encoding of _QueueMessage(clock, visible_at_ms, 0, False, producer_id, body).
+        ready_header = _QUEUE_MESSAGE.pack(clock, clock, 0, False, len(producer)) + producer
+        ready_prefix = visibility_prefix + _u64(clock)
+        sequence = queue.next_sequence
+        for body, delay_ms in items:
+            sequence_bytes = _u64(sequence)
+            if delay_ms:
+                visible_at_ms = clock + delay_ms
+                header = _QUEUE_MESSAGE.pack(clock, visible_at_ms, 0, False, len(producer))
+                put(message_prefix + sequence_bytes, header + producer + body)
+                put(visibility_prefix + _u64(visible_at_ms) + sequence_bytes, b"")
+            else:
+                put(message_prefix + sequence_bytes, ready_header + body)
+                put(ready_prefix + sequence_bytes, b"")
+            sequence += 1
+        queue.depth += sequence - queue.next_sequence
+        queue.next_sequence = sequence
 
     def remove_message(self, queue: _QueueMeta, sequence: int, message: _QueueMessage) -> None:
         incarnation, sequence_bytes = _u64(queue.incarnation), _u64(sequence)
@@ -1498,7 +1517,7 @@ class _Applier:
             if target.overflow != Overflow.DROP_HEAD.value:
                 return  # a full dead-letter queue cannot refuse a consume: drop
             self.drop_head(target)
-        self.enqueue(target, message.producer_id, message.body, 0)
+        self.enqueue(target, message.producer_id, [(message.body, 0)])
         self.put_queue_meta(target_name, target)
 
     def move_visibility(
