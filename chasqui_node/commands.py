@@ -648,12 +648,14 @@ def decode_command(item: Any, segments: _Segments | None = None) -> Command:
 
 
 def encode_entry(entry: Entry) -> str:
-    """Encode an entry as compact ASCII JSON (see the module docstring for why text)."""
-    return json.dumps(
-        [ENTRY_FORMAT_VERSION, entry.now_ms, [encode_command(c) for c in entry.commands]],
-        separators=(",", ":"),
-        ensure_ascii=True,
-    )
+    """Encode an entry as compact ASCII JSON (the text format; see the module docstring)."""
+    commands = [encode_command(command) for command in entry.commands]
+    return _encode_json_entry(ENTRY_FORMAT_VERSION, entry.now_ms, commands)
+
+
+def _encode_json_entry(version: int, now_ms: int, commands: list[list[Any]]) -> str:
+    """The JSON both formats share (all of the text one, the packed one's header)."""
+    return json.dumps([version, now_ms, commands], separators=(",", ":"), ensure_ascii=True)
 
 
 def encode_packed_entry(entry: Entry) -> bytes | None:
@@ -664,9 +666,7 @@ def encode_packed_entry(entry: Entry) -> bytes | None:
         commands = [encode_command(command, segments) for command in entry.commands]
     except (struct.error, TypeError):
         return None
-    header = json.dumps(
-        [PACKED_FORMAT_VERSION, entry.now_ms, commands], separators=(",", ":"), ensure_ascii=True
-    ).encode("ascii")
+    header = _encode_json_entry(PACKED_FORMAT_VERSION, entry.now_ms, commands).encode("ascii")
     return b"".join((_PACKED_PREFIX.pack(PACKED_FORMAT_VERSION, len(header)), header, *segments))
 
 

@@ -458,6 +458,11 @@ def _dedup_prefix(incarnation: int, producer_id: str) -> bytes:
     return _P_DEDUP + _u64(incarnation) + bytes([len(producer)]) + producer
 
 
+def _dedup_expiry_key(expires_at_ms: int, dedup_key: bytes) -> bytes:
+    """E<expires_at u64><the dedup key without its "D">; `purge_dedup` reads it back."""
+    return _P_DEDUP_EXPIRY + _u64(expires_at_ms) + dedup_key[1:]
+
+
 # ---------------------------------------------------------------------------------------------
 # Stateless checks the edges already made; the state machine asserts them once more.
 
@@ -1334,7 +1339,7 @@ class _Applier:
         if below is not None and _DedupRun.decode(*below).last >= low:
             return False
         above = self.store.scan(dedup_prefix, low_key, limit=1)
-        return not above or _read_u64(above[0][0], len(above[0][0]) - 8) > max(sequences)
+        return not above or _DedupRun.decode(*above[0]).first > max(sequences)
 
     def plan_batch(self, incarnation: int, command: PublishBatch, next_position: int) -> _BatchPlan:
         """Every item's receipt, and the items that are new with the sequence or offset each
@@ -1379,13 +1384,12 @@ class _Applier:
         of consecutive producer sequences is one run (their positions are consecutive by
         construction). Expired runs holding any of them go first, so runs never overlap."""
         for run in plan.expired_runs:
-            self.store.delete(_P_DEDUP_EXPIRY + _u64(run.expires_at_ms) + run.key[1:])
+            self.store.delete(_dedup_expiry_key(run.expires_at_ms, run.key))
             self.store.delete(run.key)
         new_messages = plan.new_messages
         if not plan.dedup_prefix or not new_messages:
             return
         expires_at_ms = self.clock + limits.DEDUP_WINDOW_MS
-        expiry_prefix = _P_DEDUP_EXPIRY + _u64(expires_at_ms)
         first = new_messages[0]
         sequences = [message.producer_sequence for message in new_messages]
         consecutive_span = sequences[-1] - sequences[0] == len(sequences) - 1
@@ -1403,7 +1407,7 @@ class _Applier:
             self.store.put(
                 key, _DEDUP_RUN.pack(end.producer_sequence, start.position, expires_at_ms)
             )
-            self.store.put(expiry_prefix + key[1:], b"")
+            self.store.put(_dedup_expiry_key(expires_at_ms, key), b"")
         if expires_at_ms <= self.clock:
             self.dedup_expired_none = False  # a zero dedup window: due at once
         if len(runs) > 1:
