@@ -8,7 +8,7 @@ loop, so the two check, encode and convert identically. Every function raises
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -286,7 +286,7 @@ def publish_batch(
     payloads: list[bytes],
     delay_ms: int,
     producer_id: str,
-    sequences: list[int],
+    sequences: Sequence[int],
 ) -> Call[chasqui_pb2.PublishBatchResponse, list[Receipt]]:
     """One PublishBatch (the caller split it with `split_batches`); each message keeps its own
     sequence, so a retried batch is recognised message by message."""

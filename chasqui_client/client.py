@@ -322,7 +322,7 @@ class Client(ClosedOnExit):
     def _publish(self, kind: Kind, name: str, body: bytes | str, delay_ms: int) -> Receipt:
         calls.check_name(kind.value, name)
         payload = calls.encode_body(body)
-        sequence = self._next_sequences(1)
+        [sequence] = self._next_sequences(1)
         return self._run(calls.publish(kind, name, payload, delay_ms, self.producer_id, sequence))
 
     def _publish_many(
@@ -332,19 +332,18 @@ class Client(ClosedOnExit):
         payloads = [calls.encode_body(body) for body in bodies]
         receipts: list[Receipt] = []
         for batch in _split_batches(payloads):
-            first = self._next_sequences(len(batch))
-            sequences = list(range(first, first + len(batch)))
+            sequences = self._next_sequences(len(batch))
             call = calls.publish_batch(kind, name, batch, delay_ms, self.producer_id, sequences)
             batch_receipts = self._run(call)
             receipts.extend(batch_receipts)
         return receipts
 
-    def _next_sequences(self, count: int) -> int:
-        """Reserves `count` consecutive sequence numbers; returns the first."""
+    def _next_sequences(self, count: int) -> range:
+        """Reserves `count` consecutive sequence numbers of this client's producer id."""
         with self._lock:
             first = self._next_sequence
             self._next_sequence += count
-        return first
+        return range(first, first + count)
 
     # ---- consuming -------------------------------------------------------------------------
 

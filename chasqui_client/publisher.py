@@ -179,14 +179,13 @@ class Publisher(ClosedOnExit):
             return batch
 
     def _send(self, batch: list[_Pending]) -> None:
-        first = self._client._next_sequences(len(batch))
         call = calls.publish_batch(
             self.kind,
             self.name,
             [item.payload for item in batch],
             0,
             self._client.producer_id,
-            list(range(first, first + len(batch))),
+            self._client._next_sequences(len(batch)),
         )
         try:
             receipts = self._client._run(call)
