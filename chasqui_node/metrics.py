@@ -326,6 +326,12 @@ def _status_gauges(status: ReplicationStatus) -> Iterator[Metric]:
         "Other members this node has a Raft connection to.",
         sum(1 for peer in status.peers if peer.connected),
     )
+    yield _gauge(
+        "chasqui_raft_peers_aes_gcm",
+        "Other members this node's Raft messages go to sealed with AES-GCM; the others "
+        "(nodes from before AES-GCM, during a rolling upgrade) get pysyncobj's Fernet.",
+        sum(1 for peer in status.peers if peer.connected and peer.aes_gcm),
+    )
 
 
 class MetricsHttpServer:

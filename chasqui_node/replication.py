@@ -12,7 +12,8 @@ pysyncobj traps handled here (ARCHITECTURE section 3):
 - a replicated method that raises wedges the node, and a callback that raises applies an entry
   twice: both catch everything;
 - the tick thread also runs our snapshot serializer, so snapshots never race with applies;
-- Raft is bound to the listed address and always encrypted with a cluster secret;
+- Raft is bound to the listed address and always encrypted with a cluster secret: AES-GCM
+  between Chasqui nodes, Fernet to older ones (`_Connection`, raft_cipher.py);
 - a leader without a majority steps down after `leaderFallbackTimeout`, tuned to 1.5 s;
 - where pysyncobj departs from Raft's safety rules, `_RaftNode` and `_DurableRaftLog` restore
   them: a follower commits only entries the leader verified (not on a snapshot chunk), keeps
@@ -54,6 +55,8 @@ from typing import Any, TypeVar
 import pysyncobj.pickle
 import pysyncobj.syncobj
 import pysyncobj.tcp_connection
+import pysyncobj.tcp_server
+import pysyncobj.transport
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 from pysyncobj.journal import Journal as PysyncobjJournal
 from pysyncobj.monotonic import monotonic as monotonicTime
@@ -84,6 +87,7 @@ from chasqui_node.errors import (
 )
 from chasqui_node.journal import Entry as JournalEntry
 from chasqui_node.journal import Journal, JournalCorrupt, fsync_directory
+from chasqui_node.raft_cipher import KEY_MARK, ClusterCipher, ConnectionCipher, marked
 from chasqui_node.state_machine import StateMachine, Store
 from chasqui_node.storage import (
     SnapshotCorrupt,
@@ -140,6 +144,40 @@ pysyncobj.tcp_connection.zlib = _AdaptiveZlib
 # other; the packed entry format (commands.py) relies on it.
 RAFT_PICKLE_PROTOCOL = 4
 setattr(pysyncobj.pickle, "__protocol", RAFT_PICKLE_PROTOCOL)  # the module's global
+
+
+class _Connection(pysyncobj.tcp_connection.TcpConnection):  # type: ignore[misc]
+    """pysyncobj's TCP connection with its own `ConnectionCipher` (see raft_cipher.py): the
+    random key this side picks carries `KEY_MARK`, and messages to a peer whose key carries
+    it are sealed with AES-GCM. pysyncobj's transport and server build connections by the
+    name `TcpConnection` in their modules, which is pointed here below."""
+
+    _cipher: ConnectionCipher | Any
+    _own_key: bytes | None
+
+    @property
+    def encryptor(self) -> ConnectionCipher | Any:
+        return self._cipher
+
+    @encryptor.setter
+    def encryptor(self, cipher: ClusterCipher | Any) -> None:
+        own = isinstance(cipher, ClusterCipher)
+        self._cipher = ConnectionCipher(cipher, self) if own else cipher
+
+    @property
+    def recvRandKey(self) -> bytes | None:  # pysyncobj's name
+        return self._own_key
+
+    @recvRandKey.setter
+    def recvRandKey(self, key: bytes | None) -> None:
+        self._own_key = key if key is None or key.endswith(KEY_MARK) else marked(key)
+
+    def seals_with_aes_gcm(self) -> bool:
+        return isinstance(self._cipher, ConnectionCipher) and self._cipher.seals_with_aes_gcm()
+
+
+pysyncobj.transport.TcpConnection = _Connection
+pysyncobj.tcp_server.TcpConnection = _Connection
 
 
 def _send_rest_when_writable(connection: Any) -> None:
@@ -206,6 +244,7 @@ class PeerStatus:
     member: Member
     connected: bool
     match_index: int
+    aes_gcm: bool = False  # Raft messages to it are sealed with AES-GCM (raft_cipher.py)
 
 
 @dataclass(frozen=True)
@@ -626,6 +665,7 @@ class _RaftNode(SyncObj):  # type: ignore[misc]
         # use our own serializer anyway, and the state lives in LMDB.
         self._apply_encoded = apply_encoded
         self._raft_log = raft_log
+        self._cluster_cipher: ClusterCipher | None = None  # see `encryptor`
         self._deferring_append_entries = False  # see _SyncObj__sendAppendEntries
         self._append_entries_deferred = False
         # pysyncobj builds its journal with the module-level createJournal() inside __init__;
@@ -661,6 +701,26 @@ class _RaftNode(SyncObj):  # type: ignore[misc]
         self.addOnTickCallback(raft_log.sync)
         self._snapshot_receiver = _SnapshotReceiver(conf.fullDumpFile, accept_snapshot)
         self._SyncObj__serializer.setTransmissionData = self._snapshot_receiver
+
+    @property
+    def encryptor(self) -> ClusterCipher | None:
+        """What pysyncobj hands each new connection: the cluster secret as Fernet and as the
+        key AES-GCM keys are derived from (`_Connection` makes its own cipher of it)."""
+        fernet = self._SyncObj__encryptor
+        if fernet is None:
+            return None
+        if self._cluster_cipher is None:
+            self._cluster_cipher = ClusterCipher(self.conf.password, fernet)
+        return self._cluster_cipher
+
+    def peers_sealed_with_aes_gcm(self) -> set[str]:
+        """Raft addresses of the peers this node's messages go to with AES-GCM."""
+        connections = dict(self._SyncObj__transport._connections)  # copied atomically
+        return {
+            node.address
+            for node, connection in connections.items()
+            if isinstance(connection, _Connection) and connection.seals_with_aes_gcm()
+        }
 
     def _onTick(self, timeToWait: float = 0.0) -> None:
         # The leader's commit check comes first in a tick: it counts this node's own log,
@@ -1252,6 +1312,7 @@ class Replicator:
     def status(self) -> ReplicationStatus:
         raw = self._status_dict()
         roles = {0: Role.FOLLOWER, 1: Role.CANDIDATE, 2: Role.LEADER}
+        aes_gcm = self._raft.peers_sealed_with_aes_gcm()
         peers = []
         for member in self.members:
             if member.node_id == self.node_id:
@@ -1262,6 +1323,7 @@ class Replicator:
                     member=member,
                     connected=raw.get(f"partner_node_status_server_{key}", 0) == 2,
                     match_index=int(raw.get(f"match_idx_server_{key}", 0)),
+                    aes_gcm=key in aes_gcm,
                 )
             )
         return ReplicationStatus(

@@ -14,12 +14,14 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from chasqui_client import Client
 from chasqui_proto import chasqui_pb2 as pb
@@ -49,6 +51,20 @@ def wait_until(
     raise AssertionError(
         f"timed out after {timeout_s} s waiting for {what} (last error: {last_error})"
     )
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape_metrics(port: int) -> Samples:
+    """A node's /metrics on 127.0.0.1:`port`, parsed: (name, sorted labels) -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 def _port_is_free(port: int) -> bool:
@@ -143,8 +159,10 @@ class Cluster:
         *,
         arguments: Sequence[str] | None = None,
         environment: dict[str, str] | None = None,
+        module: str = "chasqui_node.cli",
     ) -> None:
-        """Start a node with the usual flags, or with exactly `arguments` after `start`."""
+        """Start a node with the usual flags, or with exactly `arguments` after `start`;
+        `module` is what `python -m` runs (a test's stand-in for an older node)."""
         node = self.nodes[node_id]
         assert not node.alive(), f"{node_id} is already running"
         node.data_dir.mkdir(parents=True, exist_ok=True)
@@ -158,7 +176,7 @@ class Cluster:
             ]  # fmt: skip
         command = [
             *node.command_prefix,
-            sys.executable, "-m", "chasqui_node.cli", "start",
+            sys.executable, "-m", module, "start",
             *arguments,
         ]  # fmt: skip
         env = {

@@ -27,11 +27,17 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from chasqui_proto import chasqui_pb2 as pb
 from chasqui_proto import chasqui_pb2_grpc as pb_grpc
-from tests.harness import REPO_ROOT, Cluster, free_port_block, wait_until
+from tests.harness import (
+    REPO_ROOT,
+    Cluster,
+    Samples,
+    free_port_block,
+    scrape_metrics,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
@@ -39,8 +45,6 @@ BROKER = "chasqui.v1.Broker"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 NOT_SERVING_WITHIN_S = 8.0  # leader fallback 1.5 s, an election timeout, two health checks
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 class OperatedCluster:
@@ -50,14 +54,7 @@ class OperatedCluster:
         self.admin_key = admin_key
 
     def scrape(self, node_id: str) -> Samples:
-        url = f"http://127.0.0.1:{self.metrics_ports[node_id]}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as answer:
-            text = answer.read().decode()
-        return {
-            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-        }
+        return scrape_metrics(self.metrics_ports[node_id])
 
     def health(self, node_id: str, service: str = "") -> int:
         address = self.cluster.nodes[node_id].client_address
