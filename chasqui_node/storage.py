@@ -48,7 +48,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import lmdb
 
@@ -146,25 +146,32 @@ class LmdbStore:
 
 
 class _ReadWriteLock:
-    """Many readers or one exclusive holder; the exclusive side is only the snapshot swap."""
+    """Many readers or one exclusive holder; the exclusive side is only the snapshot swap and
+    close. A shared hold may be released by another thread than the one that took it."""
 
     def __init__(self) -> None:
         self._condition = threading.Condition()
         self._readers = 0
         self._exclusive = False
 
-    @contextmanager
-    def shared(self) -> Iterator[None]:
+    def acquire_shared(self) -> None:
         with self._condition:
             while self._exclusive:
                 self._condition.wait()
             self._readers += 1
+
+    def release_shared(self) -> None:
+        with self._condition:
+            self._readers -= 1
+            self._condition.notify_all()
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        self.acquire_shared()
         try:
             yield
         finally:
-            with self._condition:
-                self._readers -= 1
-                self._condition.notify_all()
+            self.release_shared()
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -376,34 +383,28 @@ class Storage:
     # -- snapshots ---------------------------------------------------------------------------
 
     def write_snapshot(self, path: str, raft_data: bytes) -> None:
-        """Write a self-contained snapshot of the applied state plus `raft_data` to `path`.
+        """Write a self-contained snapshot of the applied state plus `raft_data` to `path`,
+        fsynced, on this thread (see `snapshot_writer`)."""
+        self.snapshot_writer(raft_data).write(path)
 
-        Runs on the replication thread, so no entry is applied while the copy is taken: the
-        copy matches `applied_index` exactly. The file is fsynced before returning.
-        """
-        header = json.dumps(
-            {
-                "format_version": SNAPSHOT_FORMAT_VERSION,
-                "applied_index": self._applied_index,
-                "raft_data_bytes": len(raft_data),
-            },
-            sort_keys=True,
-        ).encode()
-        with self._lock.shared(), open(path, "wb") as out:
-            out.write(SNAPSHOT_MAGIC + struct.pack(">I", len(header)) + header + raft_data)
-            out.flush()
-            copy_start = out.tell()
-            self._env.copyfd(out.fileno(), compact=True)
-            out.seek(0, os.SEEK_END)
-            copy_bytes = out.tell() - copy_start
-            out.write(struct.pack(">Q", copy_bytes))
-            out.flush()
-            self._map_release.release(now=True)  # the copy read every page through the map
-        digest = _sha256_of_file(path, os.path.getsize(path))
-        with open(path, "ab") as out:
-            out.write(digest)
-            out.flush()
-            os.fsync(out.fileno())
+    def snapshot_writer(self, raft_data: bytes) -> SnapshotWriter:
+        """Fix a snapshot's contents now: the applied state as of this moment (a read
+        transaction, so the copy matches `applied_index` exactly) and `raft_data`. Call it from
+        the replication thread; the writer's `write` may run on any thread while entries go
+        on applying. Until it has run, `install_snapshot` and `close` wait for it."""
+        self._lock.acquire_shared()
+        try:
+            transaction = self._env.begin(write=False)
+        except BaseException:
+            self._lock.release_shared()
+            raise
+        return SnapshotWriter(self, transaction, self._applied_index, raft_data)
+
+    def _copy_state(self, transaction: lmdb.Transaction, out: BinaryIO) -> None:
+        """Append a compact copy of `transaction`'s view to `out` (under the shared hold that
+        `snapshot_writer` took)."""
+        self._env.copyfd(out.fileno(), compact=True, txn=transaction)
+        self._map_release.release(now=True)  # the copy read every page through the map
 
     def install_snapshot(self, path: str, verified: VerifiedSnapshot | None = None) -> bytes:
         """Verify the snapshot at `path`, make its state ours, and return its raft data.
@@ -449,6 +450,62 @@ class Storage:
             self._open()
         logger.info("installed a snapshot at applied index %d", self._applied_index)
         return raft_data
+
+
+class SnapshotWriter:
+    """One snapshot whose contents are fixed (see `Storage.snapshot_writer`): `write` it once,
+    or `discard` it. Until then it holds a read transaction (LMDB keeps the pages it sees)."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        transaction: lmdb.Transaction,
+        applied_index: int,
+        raft_data: bytes,
+    ) -> None:
+        self.applied_index = applied_index
+        self._storage = storage
+        self._transaction: lmdb.Transaction | None = transaction
+        self._raft_data = raft_data
+
+    def write(self, path: str) -> None:
+        """Write the snapshot to `path` and fsync it (not its directory)."""
+        transaction = self._transaction
+        assert transaction is not None, "a snapshot is written once"
+        header = json.dumps(
+            {
+                "format_version": SNAPSHOT_FORMAT_VERSION,
+                "applied_index": self.applied_index,
+                "raft_data_bytes": len(self._raft_data),
+            },
+            sort_keys=True,
+        ).encode()
+        try:
+            with open(path, "wb") as out:
+                out.write(SNAPSHOT_MAGIC + struct.pack(">I", len(header)) + header)
+                out.write(self._raft_data)
+                out.flush()
+                copy_start = out.tell()
+                self._storage._copy_state(transaction, out)
+                self.discard()  # the copy is taken: let LMDB reuse the pages it pinned
+                out.seek(0, os.SEEK_END)
+                out.write(struct.pack(">Q", out.tell() - copy_start))
+                out.flush()
+        finally:
+            self.discard()
+        digest = _sha256_of_file(path, os.path.getsize(path))
+        with open(path, "ab") as out:
+            out.write(digest)
+            out.flush()
+            os.fsync(out.fileno())
+
+    def discard(self) -> None:
+        """End the read transaction and the hold on the storage (once; later calls do
+        nothing)."""
+        transaction, self._transaction = self._transaction, None
+        if transaction is not None:
+            transaction.abort()
+            self._storage._lock.release_shared()
 
 
 # (header, raft data, state offset, state length) of a snapshot file that passed verification.

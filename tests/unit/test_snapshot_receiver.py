@@ -26,6 +26,7 @@ from chasqui_node import storage as storage_module
 from chasqui_node.journal import Entry, Journal
 from chasqui_node.replication import (
     Replicator,
+    _BackgroundSnapshot,
     _DurableRaftLog,
     _follower_commit,
     _SnapshotReceiver,
@@ -132,7 +133,10 @@ def follower(tmp_path: Path, applied: int, log: list[Entry]) -> SimpleNamespace:
     for index in range(1, applied + 1):
         storage.apply(index, lambda store: None)
     return SimpleNamespace(
-        node_id="n3", _storage=storage, _raft_log=log_with(tmp_path / "follower", log)
+        node_id="n3",
+        _storage=storage,
+        _raft_log=log_with(tmp_path / "follower", log),
+        _snapshots=_BackgroundSnapshot(storage, str(tmp_path / "follower.snapshot"), "n3"),
     )
 
 

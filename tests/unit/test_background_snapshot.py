@@ -1,0 +1,137 @@
+"""Snapshots written beside the tick thread: `Storage.snapshot_writer` and
+`replication._BackgroundSnapshot`, on real LMDB files.
+
+They prove that:
+1. a snapshot holds the state as of `snapshot_writer`, whatever is applied while it is
+   written, and installs on another node as exactly that state;
+2. the storage cannot be closed under a snapshot being written, and is free once it is
+   written or discarded;
+3. `_BackgroundSnapshot` answers pysyncobj's checker as pysyncobj needs: SERIALIZING while a
+   write runs, SUCCESS or FAILED exactly once, then NOT_SERIALIZING; a failed write leaves
+   the previous snapshot in place and no partial file.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import threading
+from pathlib import Path
+
+import pytest
+from pysyncobj import SERIALIZER_STATE
+
+from chasqui_node.replication import _BackgroundSnapshot
+from chasqui_node.storage import Storage, read_snapshot_header
+
+WAIT_S = 30.0
+
+
+def _apply(storage: Storage, first: int, last: int) -> None:
+    for index in range(first, last + 1):
+        key = b"k%d" % index
+        storage.apply(index, lambda store: store.put(key, b"v" * 100))  # noqa: B023 (runs now)
+
+
+def test_a_snapshot_holds_the_state_as_of_its_start(tmp_path: Path) -> None:
+    storage = Storage(tmp_path / "leader")
+    try:
+        _apply(storage, 1, 50)
+        expected = storage.dump_state()
+        writer = storage.snapshot_writer(b"raft data")
+        _apply(storage, 51, 80)  # applied while the snapshot waits to be written
+        path = str(tmp_path / "snapshot")
+        writer.write(path)
+        assert storage.applied_index == 80
+    finally:
+        storage.close()
+    header, raft_data, _, _ = read_snapshot_header(path)
+    assert (header["applied_index"], raft_data) == (50, b"raft data")
+    follower = Storage(tmp_path / "follower")
+    try:
+        assert follower.install_snapshot(path) == b"raft data"
+        assert follower.applied_index == 50
+        assert follower.dump_state() == expected
+    finally:
+        follower.close()
+
+
+@pytest.mark.parametrize("finish", ["write", "discard"])
+def test_close_waits_for_a_snapshot_being_written(tmp_path: Path, finish: str) -> None:
+    storage = Storage(tmp_path / "node")
+    _apply(storage, 1, 5)
+    writer = storage.snapshot_writer(b"")
+    closer = threading.Thread(target=storage.close)
+    closer.start()
+    closer.join(0.5)
+    assert closer.is_alive(), "closed the storage under a snapshot's read transaction"
+    if finish == "write":
+        writer.write(str(tmp_path / "snapshot"))
+    else:
+        writer.discard()
+    closer.join(WAIT_S)
+    assert not closer.is_alive()
+    writer.discard()  # a second end does nothing
+
+
+def test_background_snapshot_reports_success_once(tmp_path: Path) -> None:
+    storage = Storage(tmp_path / "node")
+    target = str(tmp_path / "raft.snapshot")
+    snapshots = _BackgroundSnapshot(storage, target, "n1")
+    try:
+        _apply(storage, 1, 30)
+        assert snapshots.progress() == SERIALIZER_STATE.NOT_SERIALIZING
+        snapshots.start(target + ".tmp", ("last entries", 30))
+        assert snapshots.progress() in (SERIALIZER_STATE.SERIALIZING, SERIALIZER_STATE.SUCCESS)
+        _apply(storage, 31, 40)
+        snapshots.wait(WAIT_S)
+        assert snapshots.progress() == SERIALIZER_STATE.SUCCESS
+        assert snapshots.progress() == SERIALIZER_STATE.NOT_SERIALIZING
+    finally:
+        storage.close()
+    header, raft_data, _, _ = read_snapshot_header(target)
+    assert header["applied_index"] == 30
+    assert pickle.loads(raft_data) == ("last entries", 30)
+    assert not os.path.exists(target + ".tmp")  # pysyncobj's own rename finds nothing
+    assert not os.path.exists(target + ".writing")
+
+
+def test_a_failed_write_reports_failure_once_and_keeps_the_old_snapshot(
+    tmp_path: Path,
+) -> None:
+    storage = Storage(tmp_path / "node")
+    target = tmp_path / "raft.snapshot"
+    try:
+        _apply(storage, 1, 10)
+        storage.write_snapshot(str(target), b"old")
+        before = target.read_bytes()
+        snapshots = _BackgroundSnapshot(storage, str(target), "n1")
+        (tmp_path / "raft.snapshot.writing").mkdir()  # the write cannot open its file
+        snapshots.start(str(target) + ".tmp", ("entries",))
+        snapshots.wait(WAIT_S)
+        assert snapshots.progress() == SERIALIZER_STATE.FAILED
+        assert snapshots.progress() == SERIALIZER_STATE.NOT_SERIALIZING
+        assert target.read_bytes() == before
+        _apply(storage, 11, 12)  # the storage was let go: applies and close go on
+    finally:
+        storage.close()
+
+
+def test_a_snapshot_that_cannot_start_reports_failure(tmp_path: Path) -> None:
+    storage = Storage(tmp_path / "node")
+    snapshots = _BackgroundSnapshot(storage, str(tmp_path / "raft.snapshot"), "n1")
+    storage.close()  # a closed environment cannot begin a transaction
+    snapshots.start(str(tmp_path / "raft.snapshot.tmp"), ("entries",))
+    assert snapshots.progress() == SERIALIZER_STATE.FAILED
+    assert snapshots.progress() == SERIALIZER_STATE.NOT_SERIALIZING
+
+
+def test_a_partial_file_from_a_stopped_write_is_removed(tmp_path: Path) -> None:
+    storage = Storage(tmp_path / "node")
+    try:
+        partial = tmp_path / "raft.snapshot.writing"
+        partial.write_bytes(b"cut short")
+        _BackgroundSnapshot(storage, str(tmp_path / "raft.snapshot"), "n1")
+        assert not partial.exists()
+    finally:
+        storage.close()
