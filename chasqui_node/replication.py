@@ -637,8 +637,8 @@ class _BackgroundSnapshot:
     stay in the journal until the snapshot that replaces them is durable.
 
     pysyncobj renames the path it passed to `start` over the snapshot when `start` returns;
-    `start` leaves no file there, so that rename fails, which pysyncobj takes quietly (with a
-    checker, only the checker's answer counts). While a write runs, pysyncobj sends no
+    `start` makes sure no file is there, so that rename fails, which pysyncobj takes quietly
+    (with a checker, only the checker's answer counts). While a write runs, pysyncobj sends no
     snapshot to lagging followers; a snapshot arriving from the leader waits for it
     (`wait`), so an older one of ours never lands over it.
     """
@@ -653,8 +653,10 @@ class _BackgroundSnapshot:
         with suppress(FileNotFoundError):
             os.unlink(self._writing)  # a write cut short by a stop
 
-    def start(self, _path: str, raft_data: Any) -> None:
+    def start(self, path: str, raft_data: Any) -> None:
         """pysyncobj's serializer, on the tick thread. Never raises."""
+        with suppress(OSError):  # left by a stop during a write before this class existed
+            os.unlink(path)  # pysyncobj would rename it over the snapshot when this returns
         try:
             writer = self._storage.snapshot_writer(pickle.dumps(raft_data, protocol=4))
         except Exception:

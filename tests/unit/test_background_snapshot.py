@@ -126,6 +126,25 @@ def test_a_snapshot_that_cannot_start_reports_failure(tmp_path: Path) -> None:
     assert snapshots.progress() == SERIALIZER_STATE.NOT_SERIALIZING
 
 
+def test_a_stale_staging_file_never_replaces_the_snapshot(tmp_path: Path) -> None:
+    """pysyncobj renames the path it passes to the serializer over the snapshot right after
+    the call; a partial file left there by a stop must not be what it renames."""
+    storage = Storage(tmp_path / "node")
+    target = tmp_path / "raft.snapshot"
+    staging = tmp_path / "raft.snapshot.tmp"
+    try:
+        _apply(storage, 1, 5)
+        snapshots = _BackgroundSnapshot(storage, str(target), "n1")
+        staging.write_bytes(b"partial snapshot from before a crash")
+        snapshots.start(str(staging), ("entries",))
+        assert not staging.exists()
+        snapshots.wait(WAIT_S)
+        assert snapshots.progress() == SERIALIZER_STATE.SUCCESS
+    finally:
+        storage.close()
+    assert read_snapshot_header(str(target))[0]["applied_index"] == 5
+
+
 def test_a_partial_file_from_a_stopped_write_is_removed(tmp_path: Path) -> None:
     storage = Storage(tmp_path / "node")
     try:
