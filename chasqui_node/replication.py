@@ -108,6 +108,7 @@ ENTRIES_IN_FLIGHT_MAX = (
 )
 ENTRY_FORGOTTEN_S = 10.0  # an in-flight entry with no callback after this stops counting
 SNAPSHOT_WRITE_WAIT_S = 60.0  # a stopping node lets the snapshot being written finish
+SNAPSHOT_RETRY_S = 5.0  # after a failed snapshot write (a full disk), before the next one
 
 
 class _AdaptiveZlib:
@@ -650,6 +651,8 @@ class _BackgroundSnapshot:
         self._node_id = node_id
         self._thread: threading.Thread | None = None
         self._outcome: int | None = None  # SUCCESS or FAILED, until `progress` reports it
+        self._failed_at: float | None = None  # monotonic time of the last failed write
+        self._stop = threading.Event()
         with suppress(FileNotFoundError):
             os.unlink(self._writing)  # a write cut short by a stop
 
@@ -659,28 +662,38 @@ class _BackgroundSnapshot:
             os.unlink(path)  # pysyncobj would rename it over the snapshot when this returns
         try:
             writer = self._storage.snapshot_writer(pickle.dumps(raft_data, protocol=4))
-        except Exception:
-            logger.exception("node %s: cannot start a snapshot", self._node_id)
+        except StorageError as error:
+            logger.error("node %s: cannot start a snapshot: %s", self._node_id, error)
             self._outcome = SERIALIZER_STATE.FAILED
             return
+        # After a failure (a full disk) pysyncobj asks again at once: try again only after a
+        # pause, so a disk that stays full costs one attempt and one log line per pause.
+        delay_s = 0.0
+        if self._failed_at is not None:
+            delay_s = max(0.0, self._failed_at + SNAPSHOT_RETRY_S - time.monotonic())
         self._thread = threading.Thread(
-            target=self._write, args=(writer,), name="chasqui-snapshot", daemon=True
+            target=self._write, args=(writer, delay_s), name="chasqui-snapshot", daemon=True
         )
         self._thread.start()
 
-    def _write(self, writer: SnapshotWriter) -> None:
+    def _write(self, writer: SnapshotWriter, delay_s: float) -> None:
+        if self._stop.wait(delay_s):
+            writer.discard()
+            self._outcome = SERIALIZER_STATE.FAILED
+            return
         started = time.monotonic()
         try:
             writer.write(self._writing)
             os.replace(self._writing, self._target)
             fsync_directory(Path(self._target).parent)
-        except Exception:
-            writer.discard()
-            logger.exception("node %s: writing a snapshot failed", self._node_id)
-            with suppress(OSError):
-                os.unlink(self._writing)
-            self._outcome = SERIALIZER_STATE.FAILED
+        except (OSError, StorageError) as error:
+            self._failed(writer, f"cannot write a snapshot: {error}")
             return
+        except Exception:
+            logger.exception("node %s: writing a snapshot failed", self._node_id)
+            self._failed(writer, "writing a snapshot failed (see above)")
+            return
+        self._failed_at = None
         logger.info(
             "wrote a snapshot at applied index %d: %.1f MB in %.3f s",
             writer.applied_index,
@@ -688,6 +701,19 @@ class _BackgroundSnapshot:
             time.monotonic() - started,
         )
         self._outcome = SERIALIZER_STATE.SUCCESS
+
+    def _failed(self, writer: SnapshotWriter, reason: str) -> None:
+        writer.discard()
+        with suppress(OSError):
+            os.unlink(self._writing)
+        logger.error(
+            "node %s: %s; the log is kept, next attempt in %g s",
+            self._node_id,
+            reason,
+            SNAPSHOT_RETRY_S,
+        )
+        self._failed_at = time.monotonic()
+        self._outcome = SERIALIZER_STATE.FAILED
 
     def progress(self) -> int:
         """pysyncobj's serializeChecker, on the tick thread: SUCCESS or FAILED once per
@@ -697,15 +723,23 @@ class _BackgroundSnapshot:
             self._outcome = None
             self._thread = None
             return outcome
-        if self._thread is not None:
-            return SERIALIZER_STATE.SERIALIZING
-        return SERIALIZER_STATE.NOT_SERIALIZING
+        state: int = (
+            SERIALIZER_STATE.SERIALIZING
+            if self._thread is not None
+            else SERIALIZER_STATE.NOT_SERIALIZING
+        )
+        return state
 
     def wait(self, timeout_s: float | None = None) -> None:
         """Until the snapshot being written (if any) is in place or has failed."""
         thread = self._thread
         if thread is not None:
             thread.join(timeout_s)
+
+    def close(self, timeout_s: float) -> None:
+        """Let a write in progress finish (one waiting to retry gives up), within `timeout_s`."""
+        self._stop.set()
+        self.wait(timeout_s)
 
 
 _JOURNAL_FACTORY_LOCK = threading.Lock()
@@ -1288,6 +1322,12 @@ class Replicator:
         except SnapshotCorrupt as error:
             self._on_fatal(str(error))
             raise
+        except (OSError, StorageError) as error:
+            # A full or failing disk: the state stays as it was, and pysyncobj would go on as
+            # if the snapshot were installed. Stop, as when an apply fails; the restart loads
+            # the snapshot again.
+            self._on_fatal(f"cannot install the snapshot {path}: {error}")
+            raise
         self._refresh_members()
         return raft_data
 
@@ -1439,7 +1479,7 @@ class Replicator:
         self._pending.put(None)
         self._proposer.join(timeout=5)
         self._raft.destroy_synchronous()
-        self._snapshots.wait(SNAPSHOT_WRITE_WAIT_S)
+        self._snapshots.close(SNAPSHOT_WRITE_WAIT_S)
 
 
 def _drain(

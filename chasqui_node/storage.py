@@ -395,6 +395,9 @@ class Storage:
         self._lock.acquire_shared()
         try:
             transaction = self._env.begin(write=False)
+        except lmdb.Error as error:
+            self._lock.release_shared()
+            raise StorageError(f"cannot read the state for a snapshot: {error}") from error
         except BaseException:
             self._lock.release_shared()
             raise
@@ -403,7 +406,10 @@ class Storage:
     def _copy_state(self, transaction: lmdb.Transaction, out: BinaryIO) -> None:
         """Append a compact copy of `transaction`'s view to `out` (under the shared hold that
         `snapshot_writer` took)."""
-        self._env.copyfd(out.fileno(), compact=True, txn=transaction)
+        try:
+            self._env.copyfd(out.fileno(), compact=True, txn=transaction)
+        except lmdb.Error as error:
+            raise StorageError(f"cannot copy the state into a snapshot: {error}") from error
         self._map_release.release(now=True)  # the copy read every page through the map
 
     def install_snapshot(self, path: str, verified: VerifiedSnapshot | None = None) -> bytes:

@@ -167,12 +167,13 @@ def fill_disk(ballast: Path) -> Nemesis:
 
     def nemesis(cluster: Cluster, rng: random.Random, stop: threading.Event) -> None:
         while not stop.wait(rng.uniform(0.5, 1.0)):
-            with open(ballast, "wb") as out:
+            # Unbuffered: a buffered file would try its unwritten rest again on close, and
+            # raise ENOSPC out of the `with`.
+            with open(ballast, "wb", buffering=0) as out:
                 chunk = b"\0" * (1024 * 1024)
                 try:
                     while True:
                         out.write(chunk)
-                        out.flush()
                 except OSError:
                     pass  # full
             stop.wait(rng.uniform(2.0, 3.0))

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from pysyncobj import SERIALIZER_STATE
 
+from chasqui_node import replication
 from chasqui_node.replication import _BackgroundSnapshot
 from chasqui_node.storage import Storage, read_snapshot_header
 
@@ -115,6 +116,55 @@ def test_a_failed_write_reports_failure_once_and_keeps_the_old_snapshot(
         _apply(storage, 11, 12)  # the storage was let go: applies and close go on
     finally:
         storage.close()
+
+
+def test_after_a_failure_the_next_write_waits_and_logs_one_plain_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(replication, "SNAPSHOT_RETRY_S", 0.5)
+    storage = Storage(tmp_path / "node")
+    target = tmp_path / "raft.snapshot"
+    blocker = tmp_path / "raft.snapshot.writing"
+    try:
+        _apply(storage, 1, 10)
+        snapshots = _BackgroundSnapshot(storage, str(target), "n1")
+        blocker.mkdir()  # as a full disk would, the write fails
+        snapshots.start(str(target) + ".tmp", ("entries",))
+        snapshots.wait(WAIT_S)
+        assert snapshots.progress() == SERIALIZER_STATE.FAILED
+        errors = [record for record in caplog.records if record.levelname == "ERROR"]
+        assert len(errors) == 1 and errors[0].exc_info is None
+        assert "cannot write a snapshot" in errors[0].getMessage()
+        blocker.rmdir()
+        snapshots.start(str(target) + ".tmp", ("entries",))  # pysyncobj asks again at once
+        assert snapshots.progress() == SERIALIZER_STATE.SERIALIZING  # waiting out the pause
+        assert not target.exists()
+        snapshots.wait(WAIT_S)
+        assert snapshots.progress() == SERIALIZER_STATE.SUCCESS
+        assert read_snapshot_header(str(target))[0]["applied_index"] == 10
+    finally:
+        storage.close()
+
+
+def test_close_gives_up_a_write_waiting_to_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(replication, "SNAPSHOT_RETRY_S", 60.0)
+    storage = Storage(tmp_path / "node")
+    target = tmp_path / "raft.snapshot"
+    try:
+        _apply(storage, 1, 3)
+        snapshots = _BackgroundSnapshot(storage, str(target), "n1")
+        (tmp_path / "raft.snapshot.writing").mkdir()
+        snapshots.start(str(target) + ".tmp", ("entries",))
+        snapshots.wait(WAIT_S)
+        assert snapshots.progress() == SERIALIZER_STATE.FAILED
+        snapshots.start(str(target) + ".tmp", ("entries",))
+        snapshots.close(WAIT_S)  # well before the 60 s pause is over
+        assert snapshots.progress() == SERIALIZER_STATE.FAILED
+        assert not target.exists()
+    finally:
+        storage.close()  # the abandoned write let go of the storage
 
 
 def test_a_snapshot_that_cannot_start_reports_failure(tmp_path: Path) -> None:

@@ -14,11 +14,13 @@ dropping entries the follower had acknowledged and the leader had counted toward
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pickle
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -245,5 +247,32 @@ def test_a_different_file_at_the_path_is_verified_in_full(
         with pytest.raises(SnapshotCorrupt):
             Replicator._read_snapshot(node, str(target))  # type: ignore[arg-type]
         assert node._storage.applied_index == 0
+    finally:
+        node._storage.close()
+
+
+def test_a_disk_failure_while_installing_stops_the_node_and_keeps_the_state(
+    tmp_path: Path, snapshot_at_3: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = reader(tmp_path, 1)
+    reasons: list[str] = []
+    node._on_fatal = reasons.append
+    real_open = open
+
+    def full_disk_open(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if str(path).endswith("data.mdb") and "w" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+
+    try:
+        before = node._storage.dump_state()
+        monkeypatch.setattr("builtins.open", full_disk_open)
+        with pytest.raises(OSError, match="No space left"):
+            Replicator._read_snapshot(node, snapshot_at_3)  # type: ignore[arg-type]
+        monkeypatch.undo()
+        assert len(reasons) == 1 and "No space left on device" in reasons[0]
+        assert snapshot_at_3 in reasons[0]
+        assert node._storage.applied_index == 1
+        assert node._storage.dump_state() == before
     finally:
         node._storage.close()
