@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 import pickle
 import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -75,96 +77,109 @@ def test_close_waits_for_a_snapshot_being_written(tmp_path: Path, finish: str) -
     writer.discard()  # a second end does nothing
 
 
-def test_background_snapshot_reports_success_once(tmp_path: Path) -> None:
-    storage = Storage(tmp_path / "node")
-    target = str(tmp_path / "raft.snapshot")
-    snapshots = _BackgroundSnapshot(storage, target, "n1")
-    try:
-        _apply(storage, 1, 30)
-        assert snapshots.progress() == SERIALIZER_STATE.NOT_SERIALIZING
-        snapshots.start(target + ".tmp", ("last entries", 30))
-        assert snapshots.progress() in (SERIALIZER_STATE.SERIALIZING, SERIALIZER_STATE.SUCCESS)
-        _apply(storage, 31, 40)
-        snapshots.wait(WAIT_S)
-        assert snapshots.progress() == SERIALIZER_STATE.SUCCESS
-        assert snapshots.progress() == SERIALIZER_STATE.NOT_SERIALIZING
-    finally:
-        storage.close()
-    header, raft_data, _, _ = read_snapshot_header(target)
-    assert header["applied_index"] == 30
-    assert pickle.loads(raft_data) == ("last entries", 30)
-    assert not os.path.exists(target + ".tmp")  # pysyncobj's own rename finds nothing
-    assert not os.path.exists(target + ".writing")
+@dataclass
+class _Node:
+    storage: Storage
+    target: Path  # the snapshot
+    snapshots: _BackgroundSnapshot
+
+    def start(self) -> None:
+        """What pysyncobj does at a log compaction (its own rename then finds no file)."""
+        self.snapshots.start(str(self.target) + ".tmp", ("entries", self.storage.applied_index))
 
 
-def test_a_failed_write_reports_failure_once_and_keeps_the_old_snapshot(
-    tmp_path: Path,
-) -> None:
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[_Node]:
+    """A node's storage with 10 entries applied and its background snapshot writer."""
     storage = Storage(tmp_path / "node")
     target = tmp_path / "raft.snapshot"
     try:
         _apply(storage, 1, 10)
-        storage.write_snapshot(str(target), b"old")
-        before = target.read_bytes()
-        snapshots = _BackgroundSnapshot(storage, str(target), "n1")
-        (tmp_path / "raft.snapshot.writing").mkdir()  # the write cannot open its file
-        snapshots.start(str(target) + ".tmp", ("entries",))
-        snapshots.wait(WAIT_S)
-        assert snapshots.progress() == SERIALIZER_STATE.FAILED
-        assert snapshots.progress() == SERIALIZER_STATE.NOT_SERIALIZING
-        assert target.read_bytes() == before
-        _apply(storage, 11, 12)  # the storage was let go: applies and close go on
+        yield _Node(storage, target, _BackgroundSnapshot(storage, str(target), "n1"))
     finally:
-        storage.close()
+        storage.close()  # also proves every snapshot let go of the storage
+
+
+def _fail_a_write(node: _Node) -> Path:
+    """Run one snapshot whose write fails, as on a full disk (a directory stands where its
+    file would go), and see it reported; return that directory."""
+    blocker = node.target.with_name(node.target.name + ".writing")
+    blocker.mkdir()
+    node.start()
+    node.snapshots.wait(WAIT_S)
+    assert node.snapshots.progress() == SERIALIZER_STATE.FAILED
+    return blocker
+
+
+def test_background_snapshot_reports_success_once(node: _Node) -> None:
+    assert node.snapshots.progress() == SERIALIZER_STATE.NOT_SERIALIZING
+    node.start()
+    assert node.snapshots.progress() in (SERIALIZER_STATE.SERIALIZING, SERIALIZER_STATE.SUCCESS)
+    _apply(node.storage, 11, 20)
+    node.snapshots.wait(WAIT_S)
+    assert node.snapshots.progress() == SERIALIZER_STATE.SUCCESS
+    assert node.snapshots.progress() == SERIALIZER_STATE.NOT_SERIALIZING
+    header, raft_data, _, _ = read_snapshot_header(str(node.target))
+    assert header["applied_index"] == 10
+    assert pickle.loads(raft_data) == ("entries", 10)
+    assert not os.path.exists(str(node.target) + ".tmp")
+    assert not os.path.exists(str(node.target) + ".writing")
+
+
+def test_a_failed_write_reports_failure_once_and_keeps_the_old_snapshot(node: _Node) -> None:
+    node.storage.write_snapshot(str(node.target), b"old")
+    before = node.target.read_bytes()
+    _fail_a_write(node)
+    assert node.snapshots.progress() == SERIALIZER_STATE.NOT_SERIALIZING
+    assert node.target.read_bytes() == before
+    _apply(node.storage, 11, 12)  # the storage was let go: applies go on
 
 
 def test_after_a_failure_the_next_write_waits_and_logs_one_plain_line(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    node: _Node, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(replication, "SNAPSHOT_RETRY_S", 0.5)
-    storage = Storage(tmp_path / "node")
-    target = tmp_path / "raft.snapshot"
-    blocker = tmp_path / "raft.snapshot.writing"
-    try:
-        _apply(storage, 1, 10)
-        snapshots = _BackgroundSnapshot(storage, str(target), "n1")
-        blocker.mkdir()  # as a full disk would, the write fails
-        snapshots.start(str(target) + ".tmp", ("entries",))
-        snapshots.wait(WAIT_S)
-        assert snapshots.progress() == SERIALIZER_STATE.FAILED
-        errors = [record for record in caplog.records if record.levelname == "ERROR"]
-        assert len(errors) == 1 and errors[0].exc_info is None
-        assert "cannot write a snapshot" in errors[0].getMessage()
-        blocker.rmdir()
-        snapshots.start(str(target) + ".tmp", ("entries",))  # pysyncobj asks again at once
-        assert snapshots.progress() == SERIALIZER_STATE.SERIALIZING  # waiting out the pause
-        assert not target.exists()
-        snapshots.wait(WAIT_S)
-        assert snapshots.progress() == SERIALIZER_STATE.SUCCESS
-        assert read_snapshot_header(str(target))[0]["applied_index"] == 10
-    finally:
-        storage.close()
+    blocker = _fail_a_write(node)
+    errors = [record for record in caplog.records if record.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].exc_info is None
+    assert "cannot write a snapshot" in errors[0].getMessage()
+    blocker.rmdir()
+    node.start()  # pysyncobj asks again at once
+    assert node.snapshots.progress() == SERIALIZER_STATE.SERIALIZING  # waiting out the pause
+    assert not node.target.exists()
+    node.snapshots.wait(WAIT_S)
+    assert node.snapshots.progress() == SERIALIZER_STATE.SUCCESS
+    assert read_snapshot_header(str(node.target))[0]["applied_index"] == 10
 
 
 def test_close_gives_up_a_write_waiting_to_retry(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    node: _Node, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(replication, "SNAPSHOT_RETRY_S", 60.0)
-    storage = Storage(tmp_path / "node")
-    target = tmp_path / "raft.snapshot"
-    try:
-        _apply(storage, 1, 3)
-        snapshots = _BackgroundSnapshot(storage, str(target), "n1")
-        (tmp_path / "raft.snapshot.writing").mkdir()
-        snapshots.start(str(target) + ".tmp", ("entries",))
-        snapshots.wait(WAIT_S)
-        assert snapshots.progress() == SERIALIZER_STATE.FAILED
-        snapshots.start(str(target) + ".tmp", ("entries",))
-        snapshots.close(WAIT_S)  # well before the 60 s pause is over
-        assert snapshots.progress() == SERIALIZER_STATE.FAILED
-        assert not target.exists()
-    finally:
-        storage.close()  # the abandoned write let go of the storage
+    _fail_a_write(node)
+    node.start()
+    node.snapshots.close(WAIT_S)  # well before the 60 s pause is over
+    assert node.snapshots.progress() == SERIALIZER_STATE.FAILED
+    assert not node.target.exists()
+
+
+def test_a_stale_staging_file_never_replaces_the_snapshot(node: _Node) -> None:
+    """pysyncobj renames the path it passes to the serializer over the snapshot right after
+    the call; a partial file left there by a stop must not be what it renames."""
+    staging = node.target.with_name(node.target.name + ".tmp")
+    staging.write_bytes(b"partial snapshot from before a crash")
+    node.start()
+    assert not staging.exists()
+    node.snapshots.wait(WAIT_S)
+    assert node.snapshots.progress() == SERIALIZER_STATE.SUCCESS
+    assert read_snapshot_header(str(node.target))[0]["applied_index"] == 10
+
+
+def test_a_partial_file_from_a_stopped_write_is_removed(node: _Node) -> None:
+    partial = node.target.with_name(node.target.name + ".writing")
+    partial.write_bytes(b"cut short")
+    _BackgroundSnapshot(node.storage, str(node.target), "n1")
+    assert not partial.exists()
 
 
 def test_a_snapshot_that_cannot_start_reports_failure(tmp_path: Path) -> None:
@@ -174,33 +189,3 @@ def test_a_snapshot_that_cannot_start_reports_failure(tmp_path: Path) -> None:
     snapshots.start(str(tmp_path / "raft.snapshot.tmp"), ("entries",))
     assert snapshots.progress() == SERIALIZER_STATE.FAILED
     assert snapshots.progress() == SERIALIZER_STATE.NOT_SERIALIZING
-
-
-def test_a_stale_staging_file_never_replaces_the_snapshot(tmp_path: Path) -> None:
-    """pysyncobj renames the path it passes to the serializer over the snapshot right after
-    the call; a partial file left there by a stop must not be what it renames."""
-    storage = Storage(tmp_path / "node")
-    target = tmp_path / "raft.snapshot"
-    staging = tmp_path / "raft.snapshot.tmp"
-    try:
-        _apply(storage, 1, 5)
-        snapshots = _BackgroundSnapshot(storage, str(target), "n1")
-        staging.write_bytes(b"partial snapshot from before a crash")
-        snapshots.start(str(staging), ("entries",))
-        assert not staging.exists()
-        snapshots.wait(WAIT_S)
-        assert snapshots.progress() == SERIALIZER_STATE.SUCCESS
-    finally:
-        storage.close()
-    assert read_snapshot_header(str(target))[0]["applied_index"] == 5
-
-
-def test_a_partial_file_from_a_stopped_write_is_removed(tmp_path: Path) -> None:
-    storage = Storage(tmp_path / "node")
-    try:
-        partial = tmp_path / "raft.snapshot.writing"
-        partial.write_bytes(b"cut short")
-        _BackgroundSnapshot(storage, str(tmp_path / "raft.snapshot"), "n1")
-        assert not partial.exists()
-    finally:
-        storage.close()
