@@ -11,8 +11,9 @@ its retries keep them, so the broker recognises a retried message (and stores a 
 deduplication record as one run). One sender thread takes everything waiting (up to 500
 messages and 4 MiB) into one PublishBatch call, sent through the client's usual routing and
 retries; while that call is in flight, the next batch gathers. If the sender is idle, it waits
-`linger_s` once for a batch to fill. Nothing per message is scheduled: no timer, no task, no
-thread.
+`linger_s` once for a batch to fill. A second thread resolves a finished batch's futures while
+the sender already sends the next one (resolving 500 futures took about a third of the time
+between two calls). Nothing per message is scheduled: no timer, no task, no thread.
 
 Order and outcomes. Batches go one at a time, so the broker stores messages in publish order
 and futures resolve in publish order. A batch that fails sets the same typed exception on each
@@ -21,12 +22,14 @@ so publishing the same bodies again through `Client.publish_*` would not dedupli
 client's own retries within the budget already did). Later batches are still sent.
 
 Threads: `publish`, `flush` and `close` may be called from any thread. Future callbacks run on
-the sender thread; keep them short.
+the publisher's resolver thread, one at a time in publish order; keep them short (the window
+counts a message until its future is resolved).
 """
 
 from __future__ import annotations
 
 import collections
+import queue
 import threading
 import time
 from concurrent.futures import Future
@@ -74,9 +77,17 @@ class Publisher(ClosedOnExit):
         self._resolved = 0  # messages whose future is resolved
         self._flush_target = 0  # a flush() waits for `_resolved` to reach this; skips linger
         self._closed = False
+        # Sent batches with their receipts (or the call's exception), in send order; None
+        # once the sender has stopped.
+        self._outcomes: queue.SimpleQueue[tuple[list[_Pending], list[Receipt] | Exception] | None]
+        self._outcomes = queue.SimpleQueue()
         self._sender = threading.Thread(
             target=self._send_loop, name=f"chasqui-publisher-{name}", daemon=True
         )
+        self._resolver = threading.Thread(
+            target=self._resolve_loop, name=f"chasqui-publisher-{name}-resolver", daemon=True
+        )
+        self._resolver.start()
         self._sender.start()
 
     # ---- publishing ------------------------------------------------------------------------
@@ -120,7 +131,9 @@ class Publisher(ClosedOnExit):
         with self._condition:
             self._closed = True
             self._condition.notify_all()
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         self._sender.join(timeout_s)
+        self._resolver.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def abort(self) -> None:
         """Stops at once (the client is closing): unsent messages fail with `RuntimeError`."""
@@ -137,16 +150,19 @@ class Publisher(ClosedOnExit):
 
     @property
     def finished(self) -> bool:
-        return self._closed and not self._sender.is_alive()
+        return self._closed and not self._sender.is_alive() and not self._resolver.is_alive()
 
     # ---- the sender thread -----------------------------------------------------------------
 
     def _send_loop(self) -> None:
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            self._send(batch)
+        try:
+            while True:
+                batch = self._next_batch()
+                if batch is None:
+                    return
+                self._send(batch)
+        finally:
+            self._outcomes.put(None)
 
     def _next_batch(self) -> list[_Pending] | None:
         """Waits for messages and takes the next batch; None once closed and drained."""
@@ -187,14 +203,24 @@ class Publisher(ClosedOnExit):
             self._client.producer_id,
             self._client._next_sequences(len(batch)),
         )
+        outcome: list[Receipt] | Exception
         try:
-            receipts = self._client._run(call)
+            outcome = self._client._run(call)
         except Exception as error:  # the thread boundary: every failure belongs to the futures
-            for item in batch:
-                item.future.set_exception(error)
-        else:
-            for item, receipt in zip(batch, receipts, strict=True):
-                item.future.set_result(receipt)
-        with self._condition:
-            self._resolved += len(batch)
-            self._condition.notify_all()
+            outcome = error
+        self._outcomes.put((batch, outcome))
+
+    # ---- the resolver thread ---------------------------------------------------------------
+
+    def _resolve_loop(self) -> None:
+        while (sent := self._outcomes.get()) is not None:
+            batch, outcome = sent
+            if isinstance(outcome, Exception):
+                for item in batch:
+                    item.future.set_exception(outcome)
+            else:
+                for item, receipt in zip(batch, outcome, strict=True):
+                    item.future.set_result(receipt)
+            with self._condition:
+                self._resolved += len(batch)
+                self._condition.notify_all()

@@ -251,6 +251,27 @@ def test_publisher_resolves_futures_in_order_and_stores_each_message_once(
         publisher.publish(b"after close")
 
 
+def test_publisher_sends_the_next_batch_while_a_callback_runs(client: Client) -> None:
+    """Futures resolve on their own thread: a slow callback of one batch does not hold back
+    the sending of the next (the sender used to resolve them itself)."""
+    client.create_queue("jobs")
+    release = threading.Event()
+    with client.publisher("jobs", window=10, linger_s=0) as publisher:
+        first = publisher.publish(b"first")
+        first.add_done_callback(lambda _: release.wait(30))
+        first_receipt = first.result(timeout=10)  # set just before its callback runs
+        second = publisher.publish(b"second")
+        stored: list[bytes] = []
+        deadline = time.monotonic() + 10
+        while b"second" not in stored and time.monotonic() < deadline:
+            stored += drain(client, "jobs")
+            time.sleep(0.01)
+        assert stored == [b"first", b"second"]  # sent while the first callback still runs
+        assert not second.done()  # its future waits its turn
+        release.set()
+        assert second.result(timeout=10).sequence == first_receipt.sequence + 1
+
+
 def test_publisher_fails_futures_with_the_typed_error(client: Client) -> None:
     with client.publisher("missing") as publisher:
         futures = [publisher.publish(b"x") for _ in range(3)]
