@@ -641,7 +641,8 @@ class _BackgroundSnapshot:
     `start` makes sure no file is there, so that rename fails, which pysyncobj takes quietly
     (with a checker, only the checker's answer counts). While a write runs, pysyncobj sends no
     snapshot to lagging followers; a snapshot arriving from the leader waits for it
-    (`wait`), so an older one of ours never lands over it.
+    (`wait`), so an older one of ours never lands over it. After a failure (a full disk: one
+    error line) the next attempt waits `SNAPSHOT_RETRY_S`, reported as SERIALIZING.
     """
 
     def __init__(self, storage: Storage, target: str, node_id: str) -> None:
@@ -660,27 +661,31 @@ class _BackgroundSnapshot:
         """pysyncobj's serializer, on the tick thread. Never raises."""
         with suppress(OSError):  # left by a stop during a write before this class existed
             os.unlink(path)  # pysyncobj would rename it over the snapshot when this returns
+        if self._failed_at is not None:
+            # pysyncobj asks again right after a failure (a full disk): let a pause pass
+            # first, so a lasting failure costs one attempt and one log line per pause.
+            pause_s = self._failed_at + SNAPSHOT_RETRY_S - time.monotonic()
+            if pause_s > 0:
+                self._run(self._pause, pause_s)
+                return
         try:
             writer = self._storage.snapshot_writer(pickle.dumps(raft_data, protocol=4))
         except StorageError as error:
-            logger.error("node %s: cannot start a snapshot: %s", self._node_id, error)
-            self._outcome = SERIALIZER_STATE.FAILED
+            self._failed(None, f"cannot start a snapshot: {error}")
             return
-        # After a failure (a full disk) pysyncobj asks again at once: try again only after a
-        # pause, so a disk that stays full costs one attempt and one log line per pause.
-        delay_s = 0.0
-        if self._failed_at is not None:
-            delay_s = max(0.0, self._failed_at + SNAPSHOT_RETRY_S - time.monotonic())
+        self._run(self._write, writer)
+
+    def _run(self, target: Callable[[Any], None], argument: Any) -> None:
         self._thread = threading.Thread(
-            target=self._write, args=(writer, delay_s), name="chasqui-snapshot", daemon=True
+            target=target, args=(argument,), name="chasqui-snapshot", daemon=True
         )
         self._thread.start()
 
-    def _write(self, writer: SnapshotWriter, delay_s: float) -> None:
-        if self._stop.wait(delay_s):
-            writer.discard()
-            self._outcome = SERIALIZER_STATE.FAILED
-            return
+    def _pause(self, pause_s: float) -> None:
+        self._stop.wait(pause_s)
+        self._outcome = SERIALIZER_STATE.FAILED  # pysyncobj asks again: the real attempt
+
+    def _write(self, writer: SnapshotWriter) -> None:
         started = time.monotonic()
         try:
             writer.write(self._writing)
@@ -702,8 +707,9 @@ class _BackgroundSnapshot:
         )
         self._outcome = SERIALIZER_STATE.SUCCESS
 
-    def _failed(self, writer: SnapshotWriter, reason: str) -> None:
-        writer.discard()
+    def _failed(self, writer: SnapshotWriter | None, reason: str) -> None:
+        if writer is not None:
+            writer.discard()
         with suppress(OSError):
             os.unlink(self._writing)
         logger.error(
@@ -737,7 +743,7 @@ class _BackgroundSnapshot:
             thread.join(timeout_s)
 
     def close(self, timeout_s: float) -> None:
-        """Let a write in progress finish (one waiting to retry gives up), within `timeout_s`."""
+        """Let a write in progress finish (a pause after a failure ends), within `timeout_s`."""
         self._stop.set()
         self.wait(timeout_s)
 

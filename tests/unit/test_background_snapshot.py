@@ -135,7 +135,7 @@ def test_a_failed_write_reports_failure_once_and_keeps_the_old_snapshot(node: _N
     _apply(node.storage, 11, 12)  # the storage was let go: applies go on
 
 
-def test_after_a_failure_the_next_write_waits_and_logs_one_plain_line(
+def test_after_a_failure_a_quiet_pause_then_the_next_attempt(
     node: _Node, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(replication, "SNAPSHOT_RETRY_S", 0.5)
@@ -144,17 +144,19 @@ def test_after_a_failure_the_next_write_waits_and_logs_one_plain_line(
     assert len(errors) == 1 and errors[0].exc_info is None
     assert "cannot write a snapshot" in errors[0].getMessage()
     blocker.rmdir()
-    node.start()  # pysyncobj asks again at once
-    assert node.snapshots.progress() == SERIALIZER_STATE.SERIALIZING  # waiting out the pause
+    node.start()  # pysyncobj asks again at once: the pause
+    assert node.snapshots.progress() == SERIALIZER_STATE.SERIALIZING
+    node.snapshots.wait(WAIT_S)
+    assert node.snapshots.progress() == SERIALIZER_STATE.FAILED  # then it asks again
     assert not node.target.exists()
+    assert len([r for r in caplog.records if r.levelname == "ERROR"]) == 1  # a quiet pause
+    node.start()
     node.snapshots.wait(WAIT_S)
     assert node.snapshots.progress() == SERIALIZER_STATE.SUCCESS
     assert read_snapshot_header(str(node.target))[0]["applied_index"] == 10
 
 
-def test_close_gives_up_a_write_waiting_to_retry(
-    node: _Node, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_close_ends_the_pause_after_a_failure(node: _Node, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(replication, "SNAPSHOT_RETRY_S", 60.0)
     _fail_a_write(node)
     node.start()
@@ -182,10 +184,17 @@ def test_a_partial_file_from_a_stopped_write_is_removed(node: _Node) -> None:
     assert not partial.exists()
 
 
-def test_a_snapshot_that_cannot_start_reports_failure(tmp_path: Path) -> None:
+def test_a_snapshot_that_cannot_start_reports_failure_then_pauses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(replication, "SNAPSHOT_RETRY_S", 60.0)
     storage = Storage(tmp_path / "node")
     snapshots = _BackgroundSnapshot(storage, str(tmp_path / "raft.snapshot"), "n1")
     storage.close()  # a closed environment cannot begin a transaction
     snapshots.start(str(tmp_path / "raft.snapshot.tmp"), ("entries",))
     assert snapshots.progress() == SERIALIZER_STATE.FAILED
     assert snapshots.progress() == SERIALIZER_STATE.NOT_SERIALIZING
+    snapshots.start(str(tmp_path / "raft.snapshot.tmp"), ("entries",))
+    assert snapshots.progress() == SERIALIZER_STATE.SERIALIZING  # not every tick: a pause
+    snapshots.close(WAIT_S)
+    assert snapshots.progress() == SERIALIZER_STATE.FAILED
