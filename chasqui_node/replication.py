@@ -652,8 +652,9 @@ class _BackgroundSnapshot:
         self._node_id = node_id
         self._thread: threading.Thread | None = None
         self._outcome: int | None = None  # SUCCESS or FAILED, until `progress` reports it
-        self._failed_at: float | None = None  # monotonic time of the last failed write
-        self._stop = threading.Event()
+        self._failed_at: float | None = None  # monotonic time of the last failure
+        self._paused_until: float | None = None  # no attempt before this, after a failure
+        self._closed = False
         with suppress(FileNotFoundError):
             os.unlink(self._writing)  # a write cut short by a stop
 
@@ -661,29 +662,21 @@ class _BackgroundSnapshot:
         """pysyncobj's serializer, on the tick thread. Never raises."""
         with suppress(OSError):  # left by a stop during a write before this class existed
             os.unlink(path)  # pysyncobj would rename it over the snapshot when this returns
-        if self._failed_at is not None:
-            # pysyncobj asks again right after a failure (a full disk): let a pause pass
-            # first, so a lasting failure costs one attempt and one log line per pause.
-            pause_s = self._failed_at + SNAPSHOT_RETRY_S - time.monotonic()
-            if pause_s > 0:
-                self._run(self._pause, pause_s)
-                return
+        if self._failed_at is not None and time.monotonic() < self._failed_at + SNAPSHOT_RETRY_S:
+            # pysyncobj asks again right after a failure (a full disk): `progress` answers
+            # SERIALIZING until the pause is over, so a lasting failure costs one attempt and
+            # one log line per pause. Nothing runs meanwhile.
+            self._paused_until = self._failed_at + SNAPSHOT_RETRY_S
+            return
         try:
             writer = self._storage.snapshot_writer(pickle.dumps(raft_data, protocol=4))
         except StorageError as error:
             self._failed(None, f"cannot start a snapshot: {error}")
             return
-        self._run(self._write, writer)
-
-    def _run(self, target: Callable[[Any], None], argument: Any) -> None:
         self._thread = threading.Thread(
-            target=target, args=(argument,), name="chasqui-snapshot", daemon=True
+            target=self._write, args=(writer,), name="chasqui-snapshot", daemon=True
         )
         self._thread.start()
-
-    def _pause(self, pause_s: float) -> None:
-        self._stop.wait(pause_s)
-        self._outcome = SERIALIZER_STATE.FAILED  # pysyncobj asks again: the real attempt
 
     def _write(self, writer: SnapshotWriter) -> None:
         started = time.monotonic()
@@ -729,6 +722,11 @@ class _BackgroundSnapshot:
             self._outcome = None
             self._thread = None
             return outcome
+        if self._paused_until is not None:
+            if time.monotonic() < self._paused_until and not self._closed:
+                return int(SERIALIZER_STATE.SERIALIZING)
+            self._paused_until = None
+            return int(SERIALIZER_STATE.FAILED)  # pysyncobj asks again: the real attempt
         state: int = (
             SERIALIZER_STATE.SERIALIZING
             if self._thread is not None
@@ -737,14 +735,15 @@ class _BackgroundSnapshot:
         return state
 
     def wait(self, timeout_s: float | None = None) -> None:
-        """Until the snapshot being written (if any) is in place or has failed."""
+        """Until the snapshot being written (if any) is in place or has failed (a pause after
+        a failure writes nothing and is not waited for)."""
         thread = self._thread
         if thread is not None:
             thread.join(timeout_s)
 
     def close(self, timeout_s: float) -> None:
-        """Let a write in progress finish (a pause after a failure ends), within `timeout_s`."""
-        self._stop.set()
+        """Let a write in progress finish, within `timeout_s`; a pause after a failure ends."""
+        self._closed = True
         self.wait(timeout_s)
 
 
