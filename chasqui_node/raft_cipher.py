@@ -29,7 +29,7 @@ it would be sealed under is the one it carries.
 from __future__ import annotations
 
 import struct
-from typing import Protocol
+from typing import Protocol, TypeGuard
 
 from cryptography.exceptions import InvalidTag
 from cryptography.fernet import Fernet
@@ -45,6 +45,7 @@ _HEADER_BYTES = len(FRAME_MAGIC) + _COUNTER.size
 _MASTER_KEY_SALT = b"chasqui raft aes-gcm master key v1"
 _MASTER_KEY_ITERATIONS = 100_000  # as pysyncobj's Fernet key: a weak secret stays slow to guess
 _DIRECTION_KEY_INFO = b"chasqui raft aes-gcm direction key v1"
+_Direction = tuple[bytes, AESGCM, int]  # receiver's random key, its AESGCM, next counter
 
 
 class FrameRejected(Exception):
@@ -67,7 +68,7 @@ def marked(random_key: bytes) -> bytes:
     return random_key + KEY_MARK
 
 
-def reads_aes_gcm(random_key: bytes | None) -> bool:
+def reads_aes_gcm(random_key: bytes | None) -> TypeGuard[bytes]:
     return random_key is not None and random_key.endswith(KEY_MARK)
 
 
@@ -115,9 +116,16 @@ class ConnectionCipher:
     def __init__(self, cluster: ClusterCipher, connection: KeyedConnection) -> None:
         self._cluster = cluster
         self._connection = connection
-        # (peer key, its AESGCM, next counter) for sending; (own key, AESGCM, next) for reading
-        self._send: tuple[bytes, AESGCM, int] | None = None
-        self._receive: tuple[bytes, AESGCM, int] | None = None
+        # sending is keyed by the peer's random key, reading by this side's
+        self._send: _Direction | None = None
+        self._receive: _Direction | None = None
+
+    def _direction(self, current: _Direction | None, receiver_key: bytes) -> _Direction:
+        """`current`, or a fresh count under `receiver_key` when that key is new (a new
+        connection, or a reconnection of this one)."""
+        if current is not None and current[0] == receiver_key:
+            return current
+        return (receiver_key, _direction_key(self._cluster.master_key, receiver_key), 0)
 
     def seals_with_aes_gcm(self) -> bool:
         """Whether the next message out is an AES-GCM frame."""
@@ -125,11 +133,9 @@ class ConnectionCipher:
 
     def encrypt_at_time(self, data: bytes, current_time: int) -> bytes:
         peer_key = self._connection.sendRandKey
-        if peer_key is None or not reads_aes_gcm(peer_key):
+        if not reads_aes_gcm(peer_key):
             return self._cluster.fernet.encrypt_at_time(data, current_time)
-        if self._send is None or self._send[0] != peer_key:  # a new connection: count anew
-            self._send = (peer_key, _direction_key(self._cluster.master_key, peer_key), 0)
-        _, aead, counter = self._send
+        _, aead, counter = self._direction(self._send, peer_key)
         self._send = (peer_key, aead, counter + 1)
         header = FRAME_MAGIC + _COUNTER.pack(counter)
         return header + aead.encrypt(_nonce(counter), data, FRAME_MAGIC)
@@ -145,11 +151,9 @@ class ConnectionCipher:
         if not token.startswith(FRAME_MAGIC):
             return self._cluster.fernet.decrypt(token)
         own_key = self._connection.recvRandKey
-        if own_key is None or not reads_aes_gcm(own_key):
+        if not reads_aes_gcm(own_key):
             raise FrameRejected("an AES-GCM frame on a connection that did not offer it")
-        if self._receive is None or self._receive[0] != own_key:
-            self._receive = (own_key, _direction_key(self._cluster.master_key, own_key), 0)
-        _, aead, expected = self._receive
+        _, aead, expected = self._receive = self._direction(self._receive, own_key)
         if len(token) < _HEADER_BYTES:
             raise FrameRejected(f"a frame of {len(token)} bytes, shorter than its header")
         (counter,) = _COUNTER.unpack_from(token, len(FRAME_MAGIC))
