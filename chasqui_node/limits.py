@@ -36,6 +36,11 @@ MAX_DELIVERIES_MAX = 1000  # beyond this a poison message should have been dead-
 TOPIC_RETENTION_MS_DEFAULT = 7 * 24 * 3600 * 1000  # topic messages older than this are dropped
 TOPIC_RETENTION_BYTES_DEFAULT = 1024 * 1024 * 1024  # per topic
 
+# Cluster time (clock.py): a node whose wall clock is further than this from cluster time logs
+# a warning (NTP keeps healthy hosts within milliseconds), at most once per interval.
+CLOCK_SKEW_WARN_S = 1.0
+CLOCK_SKEW_WARN_INTERVAL_S = 60.0
+
 DEDUP_WINDOW_MS = 10 * 60 * 1000  # a retry older than this may be stored twice (NATS: 2 min)
 DEDUP_PURGE_PER_COMMAND = 64  # expired dedup entries removed per applied command; bounds apply time
 RETENTION_PURGE_PER_COMMAND = 64  # expired topic messages removed per applied command

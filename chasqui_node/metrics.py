@@ -9,8 +9,8 @@ Two kinds of series:
   code, and their latency (recorded once, in service.py's `_rpc` wrappers); messages published,
   delivered and acked; the Raft journal's fsync latency (fed by `Journal.on_sync`).
 - Gauges read at scrape time by `NodeCollector`: role, term, commit and applied index, apply
-  lag, whether a leader is known, peers connected (from `Replication.status()`), and queue
-  depths (from the state machine's `list_queues` on a read transaction, bounded: see
+  lag, whether a leader is known, peers connected, clock skew (from `Replication.status()`),
+  and queue depths (from the state machine's `list_queues` on a read transaction, bounded: see
   `QueueDepthReader`). Nothing polls in the background, so an idle node does no work for them.
 
 Counters count what passed through this node: only the leader accepts writes, so the sum over
@@ -331,6 +331,17 @@ def _status_gauges(status: ReplicationStatus) -> Iterator[Metric]:
         "Other members this node's Raft messages go to sealed with AES-GCM; the others "
         "(nodes from before AES-GCM, during a rolling upgrade) get pysyncobj's Fernet.",
         sum(1 for peer in status.peers if peer.connected and peer.aes_gcm),
+    )
+    yield _gauge(
+        "chasqui_clock_skew_seconds",
+        "This node's wall clock minus cluster time (clock.py); leases, delays and TTLs follow "
+        "cluster time, so a skew shows a wrong clock without changing them.",
+        status.clock_skew_s,
+    )
+    yield _gauge(
+        "chasqui_cluster_time_seconds",
+        "This node's estimate of cluster time, as Unix seconds (0 before the first entry).",
+        status.cluster_time_ms / 1000,
     )
 
 

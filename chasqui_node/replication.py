@@ -4,7 +4,7 @@ A `Replicator` owns a pysyncobj `SyncObj` whose replicated methods each take one
 `Entry`: `apply_packed` the packed bytes, `apply_entry` the older text (see commands.py; the
 leader proposes text only for what the packed form cannot hold). Callers `propose()`
 commands from any thread; a proposer thread gathers whatever is waiting into one entry (group
-commit: one Raft round and one LMDB transaction for many commands), stamps the leader's clock,
+commit: one Raft round and one LMDB transaction for many commands), stamps cluster time (clock.py),
 and hands it to pysyncobj with a callback. The callback runs on pysyncobj's tick thread when
 this node applies the entry and resolves each waiting caller with its own result.
 
@@ -64,6 +64,7 @@ from pysyncobj.monotonic import monotonic as monotonicTime
 from pysyncobj.poller import POLL_EVENT_TYPE
 
 from chasqui_node import limits
+from chasqui_node.clock import ClusterClock
 from chasqui_node.commands import (
     AddMember,
     Command,
@@ -262,6 +263,8 @@ class ReplicationStatus:
     log_length: int
     has_quorum: bool
     peers: tuple[PeerStatus, ...]
+    cluster_time_ms: int = 0  # this node's estimate of cluster time (clock.py)
+    clock_skew_s: float = 0.0  # this node's wall clock minus cluster time
 
 
 class InternalError(ChasquiError):
@@ -1017,6 +1020,7 @@ class Replicator:
         self._next_token = 0
         self._closed = threading.Event()
         self._riders = RiderBoard()
+        self.clock = ClusterClock(storage.read(state_machine.clock_ms))
 
         data_dir.mkdir(parents=True, exist_ok=True)
         snapshot_path = data_dir / "raft.snapshot"
@@ -1125,6 +1129,10 @@ class Replicator:
         if self._closed.is_set():
             raise self._shutting_down()
 
+    def cluster_time_ms(self) -> int:
+        """This node's estimate of cluster time, the clock of leases, delays and TTLs."""
+        return self.clock.now_ms()
+
     def check_leader(self) -> None:
         """Raise NotLeader (with a hint when known) unless this node is the leader."""
         if self._raft._isLeader():
@@ -1193,7 +1201,7 @@ class Replicator:
             self._in_flight_changed.notify()
 
     def _submit(self, token: int, batch: list[_Proposal], commands: list[Command]) -> None:
-        entry = Entry(now_ms=int(time.time() * 1000), commands=tuple(commands))
+        entry = Entry(now_ms=self.clock.stamp_ms(), commands=tuple(commands))
         data = encode_for_raft(entry)
 
         def on_committed(results: list[Result] | None, error: int) -> None:
@@ -1267,6 +1275,7 @@ class Replicator:
                 failure = InternalError(f"internal error (see node log, ref {reference})")
                 self._storage.apply(raft_index, lambda store: None)
                 results = [failure for _ in entry.commands]
+            self.clock.observe(entry.now_ms)
             if results is not None and any(
                 isinstance(command, AddMember | RemoveMember) for command in entry.commands
             ):
@@ -1333,6 +1342,7 @@ class Replicator:
             # the snapshot again.
             self._on_fatal(f"cannot install the snapshot {path}: {error}")
             raise
+        self.clock.observe(self._storage.read(self._state_machine.clock_ms))
         self._refresh_members()
         return raft_data
 
@@ -1461,6 +1471,8 @@ class Replicator:
             log_length=int(raw.get("log_len", 0)),
             has_quorum=bool(raw.get("has_quorum", False)),
             peers=tuple(peers),
+            cluster_time_ms=self.clock.now_ms(),
+            clock_skew_s=self.clock.skew_s(),
         )
 
     def _status_dict(self) -> dict[str, Any]:

@@ -145,6 +145,8 @@ class Replication(Protocol):
 
     def check_leader(self) -> None: ...
 
+    def cluster_time_ms(self) -> int: ...
+
     def status(self) -> ReplicationStatus: ...
 
     def read(self, query: Callable[[Store], T]) -> T: ...
@@ -237,8 +239,9 @@ class _Quiet(NamedTuple):
     version: int
     next_ready_ms: int
 
-    def stale(self, board: ChangeBoard, key: tuple[Kind, str]) -> bool:
-        lease_ended = 0 < self.next_ready_ms <= time.time() * 1000
+    def stale(self, board: ChangeBoard, key: tuple[Kind, str], now_ms: int) -> bool:
+        """`now_ms` is cluster time (`Replication.cluster_time_ms`), the clock leases use."""
+        lease_ended = 0 < self.next_ready_ms <= now_ms
         return lease_ended or board.version(*key) != self.version
 
 
@@ -796,7 +799,9 @@ class BrokerService(pb_grpc.BrokerServicer):
         once `deadline` comes.
         """
         key = (command.kind, command.name)
-        if quiet is not None and quiet.stale(self._changes, key):
+        if quiet is not None and quiet.stale(
+            self._changes, key, self._replication.cluster_time_ms()
+        ):
             quiet = None
         while True:
             if quiet is None:
@@ -815,7 +820,9 @@ class BrokerService(pb_grpc.BrokerServicer):
                 continue
             wake_at = deadline
             if quiet.next_ready_ms:  # something leased or delayed becomes ready then
-                ready_in_s = max(0.01, quiet.next_ready_ms / 1000 - time.time())
+                ready_in_s = max(
+                    0.01, (quiet.next_ready_ms - self._replication.cluster_time_ms()) / 1000
+                )
                 wake_at = min(wake_at, time.monotonic() + ready_in_s)
             versions: list[int] = []
             rider = self._replication.ride(key, [command], self._note_version(key, versions))
@@ -840,7 +847,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             if self._changes.closed:
                 raise Unavailable("the node is shutting down; retry on another node")
             self._replication.check_leader()
-            if joined or quiet.stale(self._changes, key):
+            if joined or quiet.stale(self._changes, key, self._replication.cluster_time_ms()):
                 quiet = None  # others took what that publish brought, or something changed
 
     def _consume_now(

@@ -581,6 +581,10 @@ class StateMachine:
         applier.write_metas()
         return results
 
+    def clock_ms(self, store: Store) -> int:
+        """Cluster time as applied so far: the largest stamp of any entry (0 in a new state)."""
+        return _get_counter(store, _K_CLOCK)
+
     def authenticate(self, store: Store, key_hash: str) -> UserInfo:
         """Raises Unauthenticated when no user has this key hash, or its key was revoked."""
         return _authenticated(store, key_hash)

@@ -98,6 +98,9 @@ class FakeReplication:
             raise NoLeader()
         raise NotLeader(self.node_id, leader.node_id, leader.client_address)
 
+    def cluster_time_ms(self) -> int:
+        return self.clock.now_ms()
+
     def propose_many(
         self, commands: Sequence[Command], timeout_s: float, at_commit: AtCommit | None = None
     ) -> list[Result]:
