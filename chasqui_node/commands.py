@@ -2,7 +2,7 @@
 
 A Raft log entry is an `Entry`: the leader's clock (`now_ms`) and a batch of commands from
 concurrent clients (group commit). Two encodings exist; `encode_for_raft` picks one:
-- packed (version 2, `bytes`, the normal one): a JSON header with every command as a list
+- packed (versions 2 and 3, `bytes`, the normal one): a JSON header with every command as a list
   `[tag, field, field, ...]` in dataclass field order, followed by binary segments holding the
   bulk of a batch: its integer lists (sequences, delays, delivery counts) as little-endian
   int64 and its bodies as raw bytes behind their lengths. The header refers to each segment by
@@ -10,9 +10,17 @@ concurrent clients (group commit). Two encodings exist; `encode_for_raft` picks 
   third larger, and encoding plus decoding it was a fifth of a batch's cost on the leader).
   It needs pysyncobj to pickle with protocol 4 (replication.py sets it), which keeps `bytes`
   verbatim; protocol 2 inflated them 1.5x.
-- text (version 1, ASCII `str`): the same JSON with bodies in base64 and lists inline. Entries
-  written before the packed format, and the fallback for values the packed form cannot hold
-  (an integer outside int64 in a list, which the state machine then refuses by its rules).
+- text (versions 1 and 2, ASCII `str`): the same JSON with bodies in base64 and lists
+  inline. Entries written before the packed format, and the fallback for values the packed
+  form cannot hold (an integer outside int64 in a list, which the state machine then refuses
+  by its rules).
+
+Each format's version also names the apply rules of the leader that wrote the entry
+(`Entry.rules`): a release that changes what applying a command does bumps both versions, and
+every replica applies an entry by the rules it was written under. So during a rolling upgrade
+the upgraded followers apply the old leader's entries exactly as the old nodes do, and a node
+older than the leader stops at the first entry of the new rules (`UnsupportedEntry`) instead
+of applying it differently.
 
 Results are never replicated (each replica computes its own, and only the proposing node hands
 them to a client), so they are plain frozen dataclasses (named tuples for the ones built per
@@ -297,10 +305,12 @@ Command = (
 
 @dataclass(frozen=True)
 class Entry:
-    """One Raft log entry: the leader's wall clock when it proposed, and a batch of commands."""
+    """One Raft log entry: cluster time when the leader proposed it (clock.py), a batch of
+    commands, and the apply rules the leader runs (see the module docstring)."""
 
     now_ms: int
     commands: tuple[Command, ...]
+    rules: int = 2  # RULES_CURRENT
 
 
 def check_name(kind: Kind, name: str) -> None:
@@ -541,7 +551,17 @@ _REQUIRED_FIELDS: dict[type[Any], int] = {
     cls: len(fields) - _FIELDS_ADDED_LATER.get(cls, 0) for cls, fields in _FIELDS.items()
 }
 
-ENTRY_FORMAT_VERSION = 1
+# Apply rules, by release. Each has its own version of both formats.
+RULES_ORIGINAL = 1
+# Dead-letter moves are authorized: the source queue's owner must be allowed to publish to the
+# dead-letter queue, and a dead-letter queue re-created after the source queue is not its own.
+RULES_DEAD_LETTER_CHECKED = 2
+RULES_CURRENT = RULES_DEAD_LETTER_CHECKED
+_TEXT_VERSION_OF_RULES = {RULES_ORIGINAL: 1, RULES_DEAD_LETTER_CHECKED: 2}
+_PACKED_VERSION_OF_RULES = {RULES_ORIGINAL: 2, RULES_DEAD_LETTER_CHECKED: 3}
+_RULES_OF_TEXT_VERSION = {version: rules for rules, version in _TEXT_VERSION_OF_RULES.items()}
+_RULES_OF_PACKED_VERSION = {version: rules for rules, version in _PACKED_VERSION_OF_RULES.items()}
+ENTRY_FORMAT_VERSION = _TEXT_VERSION_OF_RULES[RULES_CURRENT]
 
 
 class MalformedEntry(ValueError):
@@ -650,7 +670,7 @@ def decode_command(item: Any, segments: _Segments | None = None) -> Command:
 def encode_entry(entry: Entry) -> str:
     """Encode an entry as compact ASCII JSON (the text format; see the module docstring)."""
     commands = [encode_command(command) for command in entry.commands]
-    return _encode_json_entry(ENTRY_FORMAT_VERSION, entry.now_ms, commands)
+    return _encode_json_entry(_TEXT_VERSION_OF_RULES[entry.rules], entry.now_ms, commands)
 
 
 def _encode_json_entry(version: int, now_ms: int, commands: list[list[Any]]) -> str:
@@ -666,8 +686,9 @@ def encode_packed_entry(entry: Entry) -> bytes | None:
         commands = [encode_command(command, segments) for command in entry.commands]
     except (struct.error, TypeError):
         return None
-    header = _encode_json_entry(PACKED_FORMAT_VERSION, entry.now_ms, commands).encode("ascii")
-    return b"".join((_PACKED_PREFIX.pack(PACKED_FORMAT_VERSION, len(header)), header, *segments))
+    version = _PACKED_VERSION_OF_RULES[entry.rules]
+    header = _encode_json_entry(version, entry.now_ms, commands).encode("ascii")
+    return b"".join((_PACKED_PREFIX.pack(version, len(header)), header, *segments))
 
 
 def encode_for_raft(entry: Entry) -> str | bytes:
@@ -681,14 +702,14 @@ def decode_entry(data: str | bytes) -> Entry:
     for anything `encode_entry` / `encode_packed_entry` could not have produced, and its
     subclass `UnsupportedEntry` for an entry of a newer format."""
     if isinstance(data, str):
-        return _decode_json_entry(data, ENTRY_FORMAT_VERSION, None)
+        return _decode_json_entry(data, _RULES_OF_TEXT_VERSION, None)
     if not isinstance(data, bytes):
         raise MalformedEntry(f"entry is neither text nor bytes: {type(data).__name__}")
     try:
         version, header_length = _PACKED_PREFIX.unpack_from(data)
     except struct.error as error:
         raise MalformedEntry(f"packed entry is too short: {error}") from error
-    if version != PACKED_FORMAT_VERSION:
+    if version not in _RULES_OF_PACKED_VERSION:
         if version > PACKED_FORMAT_VERSION:
             raise UnsupportedEntry(f"entry version {version} is newer than {PACKED_FORMAT_VERSION}")
         raise MalformedEntry(f"packed entry has unknown version {version}")
@@ -696,31 +717,46 @@ def decode_entry(data: str | bytes) -> Entry:
     if header_end > len(data):
         raise MalformedEntry(f"packed entry header of {header_length} bytes exceeds the entry")
     segments = _Segments(data, header_end)
-    entry = _decode_json_entry(data[_PACKED_PREFIX.size : header_end], version, segments)
+    entry = _decode_json_entry(
+        data[_PACKED_PREFIX.size : header_end], _RULES_OF_PACKED_VERSION, segments, version
+    )
     segments.check_all_taken()
     return entry
 
 
-def _decode_json_entry(text: str | bytes, version: int, segments: _Segments | None) -> Entry:
+def _decode_json_entry(
+    text: str | bytes,
+    rules_of_version: dict[int, int],
+    segments: _Segments | None,
+    packed_version: int | None = None,
+) -> Entry:
+    """`rules_of_version` maps this format's versions to their rules; a packed entry's header
+    repeats the version of its prefix (`packed_version`)."""
     try:
         raw = json.loads(text)
     except (ValueError, TypeError) as error:
         raise MalformedEntry(f"entry is not JSON: {error}") from error
-    if not (isinstance(raw, list) and len(raw) == 3 and raw[0] == version):
-        if isinstance(raw, list) and raw and type(raw[0]) is int and raw[0] > version:
-            raise UnsupportedEntry(f"entry version {raw[0]} is newer than {version}")
+    version = raw[0] if isinstance(raw, list) and raw else None
+    rules = rules_of_version.get(version) if type(version) is int else None
+    if not (isinstance(raw, list) and len(raw) == 3 and rules is not None) or (
+        packed_version is not None and version != packed_version
+    ):
+        newest = max(rules_of_version)
+        if type(version) is int and version > newest:
+            raise UnsupportedEntry(f"entry version {version} is newer than {newest}")
         raise MalformedEntry(f"entry has unknown shape or version: {str(raw)[:80]}")
     now_ms, items = raw[1], raw[2]
     if type(now_ms) is not int or not isinstance(items, list):
         raise MalformedEntry("entry fields have wrong types")
-    return Entry(now_ms=now_ms, commands=tuple(decode_command(item, segments) for item in items))
+    commands = tuple(decode_command(item, segments) for item in items)
+    return Entry(now_ms=now_ms, commands=commands, rules=rules)
 
 
 # -- the packed format's binary segments ------------------------------------------------------
 # prefix: version (u8), JSON header length (u32); then the header; then the segments, each a
 # kind byte and an item count (u32) followed by `count` int64 (b"q"), or by `count` u32 lengths
 # and the concatenated bodies (b"b"). All little-endian.
-PACKED_FORMAT_VERSION = 2
+PACKED_FORMAT_VERSION = _PACKED_VERSION_OF_RULES[RULES_CURRENT]
 _PACKED_PREFIX = struct.Struct("<BI")
 _SEGMENT_HEAD = struct.Struct("<cI")
 _INTS, _BODIES = b"q", b"b"

@@ -70,6 +70,7 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 
 from chasqui_node import limits
 from chasqui_node.commands import (
+    RULES_DEAD_LETTER_CHECKED,
     Ack,
     AckBatch,
     AddMember,
@@ -496,17 +497,23 @@ _ACTION_WORDS = {
 }
 
 
+def _allowed(user: UserInfo, action: str, meta: _TopicMeta | _QueueMeta) -> bool:
+    """Whether `user` may do `action` ("publish", "subscribe", "consume"; ack, nack and extend
+    count as consume) on a topic or queue. The owner and admins always may; otherwise an empty
+    access list lets everyone in."""
+    if user.admin or user.user_id == meta.owner:
+        return True
+    allowed = meta.publishers if action == "publish" else meta.consumers
+    return not allowed or user.user_id in allowed
+
+
 def _authorize(
     user: UserInfo, action: str, kind: Kind, name: str, meta: _TopicMeta | _QueueMeta
 ) -> None:
-    """Raise PermissionDenied when `user` may not do `action` ("publish", "subscribe",
-    "consume"; ack, nack and extend count as consume) on the named topic or queue. The owner
-    and admins always may; otherwise an empty access list lets everyone in."""
-    if user.admin or user.user_id == meta.owner:
-        return
-    list_name = "publishers" if action == "publish" else "consumers"
-    allowed = meta.publishers if action == "publish" else meta.consumers
-    if allowed and user.user_id not in allowed:
+    """Raise PermissionDenied when `user` may not do `action` on the named topic or queue
+    (see `_allowed`)."""
+    if not _allowed(user, action, meta):
+        list_name = "publishers" if action == "publish" else "consumers"
         raise PermissionDenied(
             f'user {user.user_id} may not {_ACTION_WORDS[action]} {kind.value} "{name}": '
             f"not on its {list_name} list (owner {meta.owner})"
@@ -570,7 +577,7 @@ class StateMachine:
         clock = max(stored_clock, min(max(entry.now_ms, 0), INT_MAX // 2))
         if clock != stored_clock:
             store.put(_K_CLOCK, _u64(clock))
-        applier = _Applier(store, clock)
+        applier = _Applier(store, clock, entry.rules)
         results: list[Result] = []
         for command in entry.commands:
             applier.housekeep()
@@ -702,9 +709,10 @@ class _Applier:
     remembers facts that no later command of the entry can undo (no expired dedup record, no
     deleted incarnation left to purge, the age of a topic's oldest message) to skip scans."""
 
-    def __init__(self, store: Store, clock: int) -> None:
+    def __init__(self, store: Store, clock: int, rules: int) -> None:
         self.store = store
         self.clock = clock
+        self.rules = rules  # the entry's apply rules (commands.py): older entries keep theirs
         self.users: dict[str, UserInfo | None] = {}
         self.metas: dict[bytes, _TopicMeta | _QueueMeta | None] = {}  # None: no such name
         self.metas_changed: dict[bytes, None] = {}  # keys to write back, in first-change order
@@ -939,6 +947,15 @@ class _Applier:
                 return key_hash
         raise NotFound(f"user {user_id} does not exist")
 
+    def may_dead_letter(self, queue: _QueueMeta, target: _QueueMeta) -> bool:
+        """Whether `queue`'s owner may publish its dead letters to `target`: as a publish of
+        its own. A revoked owner keeps only its own queues as dead-letter queues."""
+        owner = _lookup_user(self.store, self.key_hash_of(queue.owner))
+        assert owner is not None, "the user index points at a missing user"
+        if owner.revoked:
+            return owner.user_id == target.owner
+        return _allowed(owner, "publish", target)
+
     def check_user_id(self, what: str, user_id: str) -> None:
         _check_int(
             what, len(user_id.encode()), 1, limits.USER_ID_BYTES_MAX, "user_id_bytes_max", "bytes"
@@ -1143,11 +1160,19 @@ class _Applier:
             if command.exist_ok and existing.owner == user.user_id:
                 return Created(Kind.QUEUE, command.name, created=False)
             raise AlreadyExists("queue", command.name)
-        if command.dead_letter_queue and self.queue_meta(command.dead_letter_queue) is None:
-            raise NotFound(
-                f'dead-letter queue "{command.dead_letter_queue}" does not exist; '
-                "create it before the queue that uses it"
-            )
+        if command.dead_letter_queue:
+            target = self.queue_meta(command.dead_letter_queue)
+            if target is None:
+                raise NotFound(
+                    f'dead-letter queue "{command.dead_letter_queue}" does not exist; '
+                    "create it before the queue that uses it"
+                )
+            if self.rules >= RULES_DEAD_LETTER_CHECKED and not _allowed(user, "publish", target):
+                raise PermissionDenied(
+                    f"user {user.user_id} may not use queue "
+                    f'"{command.dead_letter_queue}" as a dead-letter queue: not on its '
+                    f"publishers list (owner {target.owner})"
+                )
         count = _get_counter(self.store, _K_QUEUES)
         if count >= limits.QUEUES_MAX:
             raise ResourceExhausted(f"queue count is at queues_max {limits.QUEUES_MAX}")
@@ -1513,12 +1538,22 @@ class _Applier:
 
     def dead_letter(self, queue_name: str, queue: _QueueMeta, message: _QueueMessage) -> None:
         """Move a removed message to the queue's dead-letter queue, if it still has one that
-        can take it; otherwise the message is dropped."""
+        can take it; otherwise the message is dropped.
+
+        The move is a publish by the queue's owner, decided here on every replica: the owner
+        must still be allowed to publish to the dead-letter queue (its access list may have
+        changed since), and it must be the queue that existed when this one was created
+        (CreateQueue checks that it did). A dead-letter queue deleted and re-created by anyone
+        since has a later incarnation than this queue: the new one does not get these."""
         target_name = queue.dead_letter_queue
         if not target_name or target_name == queue_name:
             return
         target = self.queue_meta(target_name)
         if target is None:
+            return
+        if self.rules >= RULES_DEAD_LETTER_CHECKED and not (
+            target.incarnation < queue.incarnation and self.may_dead_letter(queue, target)
+        ):
             return
         depth_max = min(target.max_length or limits.QUEUE_DEPTH_MAX, limits.QUEUE_DEPTH_MAX)
         if target.depth >= depth_max:

@@ -13,6 +13,8 @@ import struct
 import pytest
 
 from chasqui_node.commands import (
+    RULES_DEAD_LETTER_CHECKED,
+    RULES_ORIGINAL,
     Ack,
     AckBatch,
     Command,
@@ -94,10 +96,29 @@ def test_an_entry_from_a_newer_version_is_unsupported_not_skippable() -> None:
     """A node must stop on these (replication.py), not skip them like a malformed entry."""
     with pytest.raises(UnsupportedEntry, match="command tag 999 is newer"):
         decode_entry(json.dumps([1, 5, [[999, "h"]]]))
-    with pytest.raises(UnsupportedEntry, match="entry version 2 is newer"):
-        decode_entry(json.dumps([2, 5, []]))
+    with pytest.raises(UnsupportedEntry, match="entry version 3 is newer"):
+        decode_entry(json.dumps([3, 5, []]))
     with pytest.raises(MalformedEntry) as refused:
         decode_entry(json.dumps([0, 5, []]))
+    assert not isinstance(refused.value, UnsupportedEntry)
+
+
+@pytest.mark.parametrize("rules", [RULES_ORIGINAL, RULES_DEAD_LETTER_CHECKED])
+def test_an_entry_keeps_the_rules_it_was_written_under(rules: int) -> None:
+    """Old leaders' entries (text version 1, packed version 2) apply by the original rules on
+    every replica; the current versions carry the current rules."""
+    entry = Entry(5, (AckBatch("h", Kind.QUEUE, "jobs", (1, 2), (1, 1)),), rules=rules)
+    assert decode_entry(encode_entry(entry)) == entry
+    packed = encode_packed_entry(entry)
+    assert packed is not None and decode_entry(packed) == entry
+    assert packed[0] == {RULES_ORIGINAL: 2, RULES_DEAD_LETTER_CHECKED: 3}[rules]
+
+
+def test_a_packed_entry_whose_header_disagrees_with_its_prefix_is_malformed() -> None:
+    packed = encode_packed_entry(Entry(5, (), rules=RULES_ORIGINAL))
+    assert packed is not None
+    with pytest.raises(MalformedEntry) as refused:
+        decode_entry(b"\x03" + packed[1:])
     assert not isinstance(refused.value, UnsupportedEntry)
 
 
@@ -287,8 +308,8 @@ def test_every_cut_of_a_packed_entry_is_rejected() -> None:
 
 
 def test_a_packed_entry_of_a_newer_version_is_unsupported() -> None:
-    with pytest.raises(UnsupportedEntry, match="entry version 3 is newer"):
-        decode_entry(b"\x03" + _BATCH_PACKED[1:])
+    with pytest.raises(UnsupportedEntry, match="entry version 4 is newer"):
+        decode_entry(b"\x04" + _BATCH_PACKED[1:])
     with pytest.raises(UnsupportedEntry, match="command tag 999 is newer"):
         decode_entry(_with_header(_BATCH_PACKED, [2, 7, [[999, "h"]]]))
     with pytest.raises(MalformedEntry, match="neither text nor bytes"):

@@ -13,6 +13,7 @@ import pytest
 
 from chasqui_node import limits
 from chasqui_node.commands import (
+    RULES_ORIGINAL,
     Ack,
     Command,
     Consume,
@@ -407,3 +408,90 @@ def test_replicas_agree_on_security_commands() -> None:
         for command in script:
             broker.one(decode_entry(encode_entry(Entry(broker.now_ms, (command,)))).commands[0])
     assert first.store.items() == second.store.items()
+
+
+# -- dead-letter queues -----------------------------------------------------------------------
+
+
+def _expiring_queue(broker: Broker, owner: str, name: str, dead_letter_queue: str) -> None:
+    """A queue whose messages expire after 1 ms into `dead_letter_queue`."""
+    created = broker.one(
+        CreateQueue(owner, name, message_ttl_ms=1, dead_letter_queue=dead_letter_queue)
+    )
+    assert created == Created(Q, name, True)
+
+
+def _expire_into_dead_letters(broker: Broker, owner: str, name: str) -> None:
+    """Publish one message to `name`, let it expire, and consume so the expiry is applied."""
+    assert isinstance(broker.one(Publish(owner, Q, name, b"dead letter", "", 0)), Receipt)
+    broker.now_ms += 10
+    assert broker.one(Consume(owner, Q, name, 10)) == Deliveries(())
+
+
+def _depth(broker: Broker, name: str) -> int:
+    [info] = [q for q in broker.machine.list_queues(broker.store, ALICE, False) if q.name == name]
+    return info.depth
+
+
+def test_a_dead_letter_queue_must_take_the_creators_publishes(broker: Broker) -> None:
+    broker.restricted()  # ALICE's "jobs": only BOB may publish
+    broker.refused(
+        CreateQueue(CAROL, "carols", dead_letter_queue="jobs"),
+        PermissionDenied,
+        'user u4 may not use queue "jobs" as a dead-letter queue: not on its publishers list '
+        "(owner u1)",
+    )
+    assert broker.one(CreateQueue(BOB, "bobs", dead_letter_queue="jobs")) == Created(
+        Q, "bobs", True
+    )
+
+
+def test_dead_letters_stop_when_the_owner_is_taken_off_the_publishers_list(
+    broker: Broker,
+) -> None:
+    broker.restricted()  # only BOB may publish to ALICE's "jobs"
+    _expiring_queue(broker, BOB, "bobs", "jobs")
+    _expire_into_dead_letters(broker, BOB, "bobs")
+    assert _depth(broker, "jobs") == 1  # allowed: moved
+    assert broker.one(SetAccess(ALICE, Q, "jobs", ("u4",), ())) == Done()
+    _expire_into_dead_letters(broker, BOB, "bobs")
+    assert _depth(broker, "jobs") == 1  # no longer allowed: dropped, not moved
+    assert _depth(broker, "bobs") == 0
+
+
+def test_a_re_created_dead_letter_queue_does_not_get_the_old_ones_letters(
+    broker: Broker,
+) -> None:
+    assert broker.one(CreateQueue(ALICE, "dead")) == Created(Q, "dead", True)
+    _expiring_queue(broker, ALICE, "work", "dead")
+    assert broker.one(DeleteQueue(ALICE, "dead")) == Deleted(Q, "dead")
+    assert broker.one(CreateQueue(BOB, "dead")) == Created(Q, "dead", True)  # someone else's
+    _expire_into_dead_letters(broker, ALICE, "work")
+    assert _depth(broker, "dead") == 0
+    assert broker.ok(Consume(BOB, Q, "dead", 10)) == Deliveries(())
+
+
+def test_own_dead_letter_queues_still_receive(broker: Broker) -> None:
+    assert broker.one(CreateQueue(ALICE, "dead")) == Created(Q, "dead", True)
+    assert broker.one(SetAccess(ALICE, Q, "dead", ("u2",), ())) == Done()  # owner is exempt
+    _expiring_queue(broker, ALICE, "work", "dead")
+    _expire_into_dead_letters(broker, ALICE, "work")
+    delivered = broker.ok(Consume(ALICE, Q, "dead", 10))
+    assert isinstance(delivered, Deliveries)
+    assert [delivery.body for delivery in delivered.deliveries] == [b"dead letter"]
+
+
+def test_entries_of_the_original_rules_still_move_dead_letters_unchecked(
+    broker: Broker,
+) -> None:
+    """A follower upgraded before its leader applies the old leader's entries as the old
+    nodes do, so the replicas stay identical during a rolling upgrade."""
+    assert broker.one(CreateQueue(ALICE, "dead")) == Created(Q, "dead", True)
+    _expiring_queue(broker, ALICE, "work", "dead")
+    assert broker.one(DeleteQueue(ALICE, "dead")) == Deleted(Q, "dead")
+    assert broker.one(CreateQueue(BOB, "dead")) == Created(Q, "dead", True)
+    assert isinstance(broker.one(Publish(ALICE, Q, "work", b"old rules", "", 0)), Receipt)
+    broker.now_ms += 10
+    old_rules = Entry(broker.now_ms, (Consume(ALICE, Q, "work", 10),), rules=RULES_ORIGINAL)
+    assert broker.machine.apply_entry(broker.store, old_rules) == [Deliveries(())]
+    assert _depth(broker, "dead") == 1

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from chasqui_node import storage as storage_module
+from chasqui_node.clock import ClusterClock
 from chasqui_node.journal import Entry, Journal
 from chasqui_node.replication import (
     Replicator,
@@ -33,6 +34,7 @@ from chasqui_node.replication import (
     _follower_commit,
     _SnapshotReceiver,
 )
+from chasqui_node.state_machine import StateMachine
 from chasqui_node.storage import SnapshotCorrupt, Storage
 
 
@@ -209,6 +211,8 @@ def reader(tmp_path: Path, applied: int) -> SimpleNamespace:
     node._verified_snapshot = None
     node._on_fatal = lambda _reason: None
     node._refresh_members = lambda: None
+    node._state_machine = StateMachine()
+    node.clock = ClusterClock(0)
     return node
 
 
