@@ -555,10 +555,12 @@ _REQUIRED_FIELDS: dict[type[Any], int] = {
 RULES_ORIGINAL = 1
 # Dead-letter moves are authorized: the source queue's owner must be allowed to publish to the
 # dead-letter queue, and a dead-letter queue re-created after the source queue is not its own.
-RULES_DEAD_LETTER_CHECKED = 2
-RULES_CURRENT = RULES_DEAD_LETTER_CHECKED
-_TEXT_VERSION_OF_RULES = {RULES_ORIGINAL: 1, RULES_DEAD_LETTER_CHECKED: 2}
-_PACKED_VERSION_OF_RULES = {RULES_ORIGINAL: 2, RULES_DEAD_LETTER_CHECKED: 3}
+# A queue lease belongs to the user that consumed it: only that user (or an admin) may ack,
+# nack or extend it.
+RULES_ACCESS_CHECKED = 2
+RULES_CURRENT = RULES_ACCESS_CHECKED
+_TEXT_VERSION_OF_RULES = {RULES_ORIGINAL: 1, RULES_ACCESS_CHECKED: 2}
+_PACKED_VERSION_OF_RULES = {RULES_ORIGINAL: 2, RULES_ACCESS_CHECKED: 3}
 _RULES_OF_TEXT_VERSION = {version: rules for rules, version in _TEXT_VERSION_OF_RULES.items()}
 _RULES_OF_PACKED_VERSION = {version: rules for rules, version in _PACKED_VERSION_OF_RULES.items()}
 ENTRY_FORMAT_VERSION = _TEXT_VERSION_OF_RULES[RULES_CURRENT]

@@ -31,7 +31,9 @@ values are struct-packed, bodies stored raw.
                                  high (largest offset ever delivered + 1), redeliveries
     Q<inc><sequence u64>         queue message: >QQQ?H publish_time_ms, visible_at_ms,
                                  delivery_count, leased, len(producer_id); producer_id; body
-    V<inc><visible_at u64><seq>  visibility index; value b"L" while leased, b"" when ready/delayed
+    V<inc><visible_at u64><seq>  visibility index; value b"L" + the lessee's user id while leased
+                                 (b"L" alone for leases of the original rules), b"" when
+                                 ready/delayed
     C<inc><user_id>              queue consumer record (Subscribe kind=QUEUE), empty value
     D<inc><len u8><producer_id><first producer_sequence u64>
                                  dedup run: >QQQ last producer_sequence, the sequence/offset
@@ -70,7 +72,7 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 
 from chasqui_node import limits
 from chasqui_node.commands import (
-    RULES_DEAD_LETTER_CHECKED,
+    RULES_ACCESS_CHECKED,
     Ack,
     AckBatch,
     AddMember,
@@ -659,7 +661,7 @@ class StateMachine:
             subscribed = store.get(_consumer_key(meta.incarnation, user.user_id)) is not None
             prefix = _P_VISIBILITY + _u64(meta.incarnation)
             later = store.scan(prefix, prefix + _u64(clock + 1), limit=limits.IN_FLIGHT_COUNT_MAX)
-            in_flight = sum(1 for _, mark in later if mark == _LEASED)
+            in_flight = sum(1 for _, mark in later if mark[:1] == _LEASED)
             publishers, consumers = _visible_lists(user, meta)
             queues.append(
                 QueueInfo(
@@ -1167,7 +1169,7 @@ class _Applier:
                     f'dead-letter queue "{command.dead_letter_queue}" does not exist; '
                     "create it before the queue that uses it"
                 )
-            if self.rules >= RULES_DEAD_LETTER_CHECKED and not _allowed(user, "publish", target):
+            if self.rules >= RULES_ACCESS_CHECKED and not _allowed(user, "publish", target):
                 raise PermissionDenied(
                     f"user {user.user_id} may not use queue "
                     f'"{command.dead_letter_queue}" as a dead-letter queue: not on its '
@@ -1551,7 +1553,7 @@ class _Applier:
         target = self.queue_meta(target_name)
         if target is None:
             return
-        if self.rules >= RULES_DEAD_LETTER_CHECKED and not (
+        if self.rules >= RULES_ACCESS_CHECKED and not (
             target.incarnation < queue.incarnation and self.may_dead_letter(queue, target)
         ):
             return
@@ -1568,9 +1570,10 @@ class _Applier:
     ) -> None:
         incarnation, sequence_bytes = _u64(queue.incarnation), _u64(sequence)
         visibility_prefix = _P_VISIBILITY + incarnation
-        self.store.delete(visibility_prefix + _u64(message.visible_at_ms) + sequence_bytes)
+        old_key = visibility_prefix + _u64(message.visible_at_ms) + sequence_bytes
+        mark = (self.store.get(old_key) or _LEASED) if message.leased else b""  # the lessee stays
+        self.store.delete(old_key)
         message.visible_at_ms = visible_at_ms
-        mark = _LEASED if message.leased else b""
         self.store.put(visibility_prefix + _u64(visible_at_ms) + sequence_bytes, mark)
         self.store.put(_P_QUEUE_MESSAGE + incarnation + sequence_bytes, message.encode())
 
@@ -1614,6 +1617,7 @@ class _Applier:
         message_prefix = _P_QUEUE_MESSAGE + _u64(queue.incarnation)
         lease_deadline_ms = clock + visibility_ms
         leased_prefix = prefix + _u64(lease_deadline_ms)
+        lease_mark = self.lease_mark(user)
         header_size, pack_header = _QUEUE_MESSAGE.size, _QUEUE_MESSAGE.pack
         for key, _ in candidates:
             if _read_u64(key, 9) > clock:
@@ -1641,7 +1645,7 @@ class _Applier:
                 break  # the reply is full; this message stays ready for the next consume
             count += 1
             store.delete(key)
-            store.put(leased_prefix + sequence_bytes, _LEASED)
+            store.put(leased_prefix + sequence_bytes, lease_mark)
             store.put(
                 message_key,
                 pack_header(publish_time_ms, lease_deadline_ms, count, True, producer_len)
@@ -1842,8 +1846,10 @@ class _Applier:
                 if not (1 <= delivery_count == count and leased and visible_at_ms > clock):
                     message = _QueueMessage.decode(value)
                     self.check_lease(name, sequence, delivery_count, message)  # raises
+                visibility_key = visibility_prefix + _u64(visible_at_ms) + sequence_bytes
+                self.check_lessee(user, name, sequence, delivery_count, visibility_key)
                 store.delete(message_prefix + sequence_bytes)
-                store.delete(visibility_prefix + _u64(visible_at_ms) + sequence_bytes)
+                store.delete(visibility_key)
                 queue.depth -= 1
             except ChasquiError as error:
                 first_refusal = first_refusal or error
@@ -1911,6 +1917,13 @@ class _Applier:
         if not message.leased and message.delivery_count == command.delivery_count:
             return Done()  # this delivery was already given back: a retried nack
         self.check_lease(command.name, command.sequence, command.delivery_count, message)
+        self.check_lessee(
+            user,
+            command.name,
+            command.sequence,
+            command.delivery_count,
+            _visibility_key(queue.incarnation, message.visible_at_ms, command.sequence),
+        )
         message.leased = False
         self.move_visibility(queue, command.sequence, message, self.clock + command.delay_ms)
         return Done()
@@ -1941,6 +1954,13 @@ class _Applier:
                 "it was acked, expired or dead-lettered"
             )
         self.check_lease(command.name, command.sequence, command.delivery_count, message)
+        self.check_lessee(
+            user,
+            command.name,
+            command.sequence,
+            command.delivery_count,
+            _visibility_key(queue.incarnation, message.visible_at_ms, command.sequence),
+        )
         self.move_visibility(queue, command.sequence, message, self.clock + command.extend_ms)
         return Done()
 
@@ -1961,6 +1981,35 @@ class _Applier:
         _check_assigned(queue, queue_name, sequence)
         value = self.store.get(_queue_message_key(queue.incarnation, sequence))
         return None if value is None else _QueueMessage.decode(value)
+
+    def lease_mark(self, user: UserInfo) -> bytes:
+        """The visibility index value of a message leased to `user` by this entry."""
+        if self.rules >= RULES_ACCESS_CHECKED:
+            return _LEASED + user.user_id.encode()
+        return _LEASED
+
+    def check_lessee(
+        self,
+        user: UserInfo,
+        queue_name: str,
+        sequence: int,
+        delivery_count: int,
+        visibility_key: bytes,
+    ) -> None:
+        """Raise PermissionDenied unless `user` consumed this lease (or is an admin). Leases
+        written under the original rules name no lessee: anyone allowed to consume may settle
+        them, as before."""
+        if self.rules < RULES_ACCESS_CHECKED or user.admin:
+            return
+        mark = self.store.get(visibility_key)
+        assert mark is not None and mark[:1] == _LEASED, "a live lease has its index entry"
+        lessee = bytes(mark[1:])
+        if lessee and lessee != user.user_id.encode():
+            raise PermissionDenied(
+                f'delivery {delivery_count} of message {sequence} on queue "{queue_name}" is '
+                f"leased to another user, not to user {user.user_id}; only the consumer that "
+                "received it may ack, nack or extend it"
+            )
 
     def check_lease(
         self, queue_name: str, sequence: int, delivery_count: int, message: _QueueMessage

@@ -13,7 +13,7 @@ import struct
 import pytest
 
 from chasqui_node.commands import (
-    RULES_DEAD_LETTER_CHECKED,
+    RULES_ACCESS_CHECKED,
     RULES_ORIGINAL,
     Ack,
     AckBatch,
@@ -103,7 +103,7 @@ def test_an_entry_from_a_newer_version_is_unsupported_not_skippable() -> None:
     assert not isinstance(refused.value, UnsupportedEntry)
 
 
-@pytest.mark.parametrize("rules", [RULES_ORIGINAL, RULES_DEAD_LETTER_CHECKED])
+@pytest.mark.parametrize("rules", [RULES_ORIGINAL, RULES_ACCESS_CHECKED])
 def test_an_entry_keeps_the_rules_it_was_written_under(rules: int) -> None:
     """Old leaders' entries (text version 1, packed version 2) apply by the original rules on
     every replica; the current versions carry the current rules."""
@@ -111,7 +111,7 @@ def test_an_entry_keeps_the_rules_it_was_written_under(rules: int) -> None:
     assert decode_entry(encode_entry(entry)) == entry
     packed = encode_packed_entry(entry)
     assert packed is not None and decode_entry(packed) == entry
-    assert packed[0] == {RULES_ORIGINAL: 2, RULES_DEAD_LETTER_CHECKED: 3}[rules]
+    assert packed[0] == {RULES_ORIGINAL: 2, RULES_ACCESS_CHECKED: 3}[rules]
 
 
 def test_a_packed_entry_whose_header_disagrees_with_its_prefix_is_malformed() -> None:

@@ -9,6 +9,8 @@ just under, exactly at and just over. New commands survive the log encoding unch
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from chasqui_node import limits
@@ -495,3 +497,65 @@ def test_entries_of_the_original_rules_still_move_dead_letters_unchecked(
     old_rules = Entry(broker.now_ms, (Consume(ALICE, Q, "work", 10),), rules=RULES_ORIGINAL)
     assert broker.machine.apply_entry(broker.store, old_rules) == [Deliveries(())]
     assert _depth(broker, "dead") == 1
+
+
+# -- leases belong to their consumer ----------------------------------------------------------
+
+
+def _leased_to_bob(broker: Broker) -> tuple[int, int]:
+    """An open queue of ALICE's with one message BOB consumed: (sequence, delivery_count)."""
+    assert broker.one(CreateQueue(ALICE, "open")) == Created(Q, "open", True)
+    assert isinstance(broker.one(Publish(ALICE, Q, "open", b"x", "", 0)), Receipt)
+    delivered = broker.ok(Consume(BOB, Q, "open", 1))
+    assert isinstance(delivered, Deliveries)
+    [delivery] = delivered.deliveries
+    return delivery.sequence, delivery.delivery_count
+
+
+@pytest.mark.parametrize(
+    "settle",
+    [
+        lambda sequence, count: Ack(CAROL, Q, "open", sequence, count),
+        lambda sequence, count: Nack(CAROL, Q, "open", sequence, count, 0),
+        lambda sequence, count: Extend(CAROL, Q, "open", sequence, count, 60_000),
+    ],
+    ids=["ack", "nack", "extend"],
+)
+def test_another_user_cannot_settle_a_lease(broker: Broker, settle: Any) -> None:
+    sequence, count = _leased_to_bob(broker)
+    broker.refused(
+        settle(sequence, count),
+        PermissionDenied,
+        f'delivery {count} of message {sequence} on queue "open" is leased to another user, '
+        "not to user u4; only the consumer that received it may ack, nack or extend it",
+    )
+    assert broker.one(Extend(BOB, Q, "open", sequence, count, 60_000)) == Done()
+    assert broker.one(Ack(BOB, Q, "open", sequence, count)) == Done()
+
+
+def test_the_lessee_survives_an_extend_and_an_admin_may_settle(broker: Broker) -> None:
+    sequence, count = _leased_to_bob(broker)
+    assert broker.one(Extend(BOB, Q, "open", sequence, count, 60_000)) == Done()
+    assert isinstance(broker.one(Ack(CAROL, Q, "open", sequence, count)), PermissionDenied)
+    assert broker.one(Ack(ADMIN, Q, "open", sequence, count)) == Done()
+
+
+def test_a_redelivered_message_belongs_to_its_new_consumer(broker: Broker) -> None:
+    sequence, count = _leased_to_bob(broker)
+    assert broker.one(Nack(BOB, Q, "open", sequence, count, 0)) == Done()
+    delivered = broker.ok(Consume(CAROL, Q, "open", 1))
+    assert isinstance(delivered, Deliveries)
+    [again] = delivered.deliveries
+    assert isinstance(broker.one(Ack(BOB, Q, "open", sequence, again.delivery_count)), ChasquiError)
+    assert broker.one(Ack(CAROL, Q, "open", sequence, again.delivery_count)) == Done()
+
+
+def test_a_lease_of_the_original_rules_may_be_settled_by_any_consumer(broker: Broker) -> None:
+    assert broker.one(CreateQueue(ALICE, "open")) == Created(Q, "open", True)
+    assert isinstance(broker.one(Publish(ALICE, Q, "open", b"x", "", 0)), Receipt)
+    old_rules = Entry(broker.now_ms, (Consume(BOB, Q, "open", 1),), rules=RULES_ORIGINAL)
+    [delivered] = broker.machine.apply_entry(broker.store, old_rules)
+    assert isinstance(delivered, Deliveries)
+    [delivery] = delivered.deliveries
+    ack = Ack(CAROL, Q, "open", delivery.sequence, delivery.delivery_count)
+    assert broker.one(ack) == Done()
