@@ -10,10 +10,12 @@ command-line value, which any local user could read with `ps`) names the bootstr
 for mutual TLS) put the client port behind TLS. `dev --tls` makes throwaway certificates.
 
 Operations flags: `--metrics-port` serves Prometheus metrics at `http://CLIENT_HOST:PORT/metrics`
-(off by default); `--log-format json` writes one JSON object per line (ts, level, logger,
-message, node_id) instead of one text line per event. Either way no log line carries the
-cluster secret or a key: the node never logs them, and the formatter also masks the cluster
-secret and any `Bearer` token should a library ever echo one.
+(off by default; they name every queue and its depth), `--metrics-bind 127.0.0.1` serves them on
+another host than the client port's (here: to local scrapers only), and `--metrics-token-file`
+makes /metrics require `Authorization: Bearer <token>`; `--log-format json` writes one JSON
+object per line (ts, level, logger, message, node_id) instead of one text line per event.
+Either way no log line carries the cluster secret or a key: the node never logs them, and the
+formatter also masks the cluster secret and any `Bearer` token should a library ever echo one.
 """
 
 from __future__ import annotations
@@ -154,21 +156,39 @@ def admin_key_hash(key_file: Path | None, environment: dict[str, str]) -> str | 
     return None if key is None else hash_key(key)
 
 
+def metrics_token_hash(token_file: Path | None) -> str | None:
+    """The hash of the bearer token /metrics requires (first line of `token_file`), or None
+    for none. The token follows the admin key's rules; raises ConfigError as `admin_key` does."""
+    if token_file is None:
+        return None
+    source = f"metrics token file {token_file}"
+    return hash_key(_checked_key(_first_line(token_file, source), source))
+
+
 def admin_key(key_file: Path | None, environment: dict[str, str]) -> str | None:
     """The configured admin key itself (see `admin_key_hash`); only the membership commands,
     which must send it, use it unhashed."""
     if key_file is not None:
-        try:
-            lines = key_file.read_text().splitlines()
-        except (OSError, UnicodeDecodeError) as error:
-            raise ConfigError(f"cannot read admin key file {key_file}: {error}") from error
-        key = lines[0].strip() if lines else ""
         source = f"admin key file {key_file}"
+        key = _first_line(key_file, source)
     elif environment.get(ADMIN_KEY_ENV):
         key = environment[ADMIN_KEY_ENV].strip()
         source = ADMIN_KEY_ENV
     else:
         return None
+    return _checked_key(key, source)
+
+
+def _first_line(key_file: Path, source: str) -> str:
+    try:
+        lines = key_file.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read {source}: {error}") from error
+    return lines[0].strip() if lines else ""
+
+
+def _checked_key(key: str, source: str) -> str:
+    """`key`, when it is long and URL-safe enough; the ConfigError never shows it."""
     if not (
         limits.ADMIN_KEY_CHARS_MIN <= len(key) <= limits.ADMIN_KEY_CHARS_MAX
         and set(key) <= _KEY_ALPHABET
@@ -305,6 +325,22 @@ def main() -> None:
     envvar="CHASQUI_METRICS_PORT",
     help="Serve Prometheus metrics on http://CLIENT_HOST:PORT/metrics (off when not given).",
 )
+@click.option(
+    "--metrics-bind",
+    default=None,
+    envvar="CHASQUI_METRICS_BIND",
+    help=(
+        "Host /metrics listens on instead of the client port's (e.g. 127.0.0.1: local"
+        " scrapers only); the metrics name every queue and its depth."
+    ),
+)
+@click.option(
+    "--metrics-token-file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    envvar="CHASQUI_METRICS_TOKEN_FILE",
+    help="File holding a token (first line) that /metrics then requires as 'Bearer <token>'.",
+)
 @click.option("--log-level", default="info", envvar="CHASQUI_LOG_LEVEL", show_default=True)
 @click.option(
     "--log-format",
@@ -329,6 +365,8 @@ def start(
     tls_key: Path | None,
     tls_client_ca: Path | None,
     metrics_port: int | None,
+    metrics_bind: str | None,
+    metrics_token_file: Path | None,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -359,6 +397,8 @@ def start(
             tls_key=tls_key,
             tls_client_ca=tls_client_ca,
             metrics_port=metrics_port,
+            metrics_bind=metrics_bind,
+            metrics_token_hash=metrics_token_hash(metrics_token_file),
         )
         config.member()
         server, _port = create_server(config)

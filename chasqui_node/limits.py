@@ -75,12 +75,26 @@ USER_ID_BYTES_MAX = 32  # "u" and a counter below USERS_MAX, with room to spare
 # lists stay small; a larger audience can share one key per service instead.
 ACCESS_LIST_USERS_MAX = 100
 
-# In-flight calls on one client connection (gRPC peer). Long-polls hold a worker thread each,
-# so one connection may hold at most half of the node's GRPC_WORKERS (128) and never starve
-# the others; beyond it a call gets RESOURCE_EXHAUSTED at once instead of queueing.
+# The gRPC server (see admission.py). Every call holds one of GRPC_WORKERS threads until it
+# answers: long-polls and streams (waiting calls) for seconds to hours, the rest for a Raft
+# round. Waiting calls may take at most WAITING_CALLS_MAX threads in all and
+# WAITING_CALLS_PER_KEY_MAX per key, so the other GRPC_WORKERS - WAITING_CALLS_MAX (64) always
+# answer health checks, status and other users' short calls. Beyond a bound a call gets
+# RESOURCE_EXHAUSTED at once instead of queueing.
+GRPC_WORKERS = 256  # Python threads; idle ones cost a stack's address space, not memory
+GRPC_CONCURRENT_CALLS_MAX = 512  # gRPC refuses new calls beyond this rather than queue them
+WAITING_CALLS_MAX = 192  # long-polls and streams on one node
+WAITING_CALLS_PER_KEY_MAX = 32  # one user's; a sixth of the node's, so no one key holds them
+# Users created through open signup, per node (admins create users without this bound): a
+# steady 10 a second fills USERS_MAX in hours, not minutes; a burst covers a test run or a
+# fleet of services starting together. Production closes signup (deploy/ does).
+SIGNUPS_PER_SECOND_MAX = 10.0
+SIGNUP_BURST_MAX = 200
+# In-flight calls on one client connection (gRPC peer), of any kind.
 CALLS_IN_FLIGHT_PER_CONNECTION_MAX = 64
 
 assert MESSAGE_BYTES_MAX <= PUBLISH_BATCH_BYTES_MAX
+assert WAITING_CALLS_PER_KEY_MAX <= WAITING_CALLS_MAX < GRPC_WORKERS <= GRPC_CONCURRENT_CALLS_MAX
 assert USER_QUEUES_MAX <= QUEUES_MAX and USER_TOPICS_MAX <= TOPICS_MAX
 assert PUBLISH_BATCH_BYTES_MAX < GRPC_MESSAGE_BYTES_MAX
 # A consume always returns at least one ready message, so the largest must fit in a reply.
@@ -93,3 +107,30 @@ NODE_ID_BYTES_MAX = 64  # a cluster member's id, e.g. "n4" or a host name
 ADDRESS_BYTES_MAX = 260  # host:port of a member; a DNS name is at most 253 bytes
 MEMBER_RECORDS_MAX = 1000  # registry records (members and tombstones); a cluster has a handful
 MEMBERSHIP_CHANGE_TIMEOUT_S = 10.0  # wait for pysyncobj to commit one configuration change
+
+# Raft transport (raft_transport.py): what a connection to the Raft port can make a node hold.
+# A connection is authenticated once a message on it carried the random key this node picked
+# for it (the cluster secret and a fresh key: a replayed handshake does not pass). Before that
+# its messages are the peer's random key (a Fernet token of 184 bytes from a Chasqui node,
+# about 230 from plain pysyncobj) and its address (under 600 bytes for a 260-byte address in
+# Fernet): a frame claiming more than this is not a handshake.
+RAFT_HANDSHAKE_FRAME_BYTES_MAX = 1024
+# An append-entries message gathers entries up to RAFT_MESSAGE_BYTES_MAX and passes it by at
+# most one entry (at most half as much again, asserted below); Fernet to an older node adds a
+# third. Anything claiming more is refused before it is buffered.
+RAFT_FRAME_BYTES_MAX = 2 * RAFT_MESSAGE_BYTES_MAX
+# From accept to authenticated: a peer needs a round trip and a tick or two of each node.
+RAFT_HANDSHAKE_S_MAX = 3.0
+# Unauthenticated incoming connections held at once (a cluster has a handful of peers); the
+# next one drops the oldest, first among those that never sent a valid message.
+RAFT_UNAUTHENTICATED_CONNECTIONS_MAX = 64
+RAFT_ACCEPTS_PER_EVENT_MAX = 8  # per poll round: a burst drains fast, ticks still run between
+RAFT_LISTEN_BACKLOG = 128  # pysyncobj's 5 overflowed under a burst; the kernel caps at somaxconn
+# A tick thread that stood still this long (a long apply) first reads what peers sent meanwhile
+# before it drops a handshake as overdue.
+RAFT_TICK_STALL_S = 1.0
+RAFT_REFUSALS_LOG_INTERVAL_S = 10.0  # one warning line per attack, not one per connection
+# An entry holds at most one publish batch in the text format (base64 in JSON: 4/3, and names).
+assert 3 * PUBLISH_BATCH_BYTES_MAX // 2 <= RAFT_MESSAGE_BYTES_MAX // 2
+assert RAFT_HANDSHAKE_FRAME_BYTES_MAX < RAFT_FRAME_BYTES_MAX
+assert RAFT_UNAUTHENTICATED_CONNECTIONS_MAX > 2 * RAFT_ACCEPTS_PER_EVENT_MAX

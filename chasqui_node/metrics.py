@@ -20,15 +20,20 @@ all nodes is the cluster's rate.
 from __future__ import annotations
 
 import collections
+import hashlib
+import hmac
 import logging
+import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol, TypeVar
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from chasqui_node.commands import QueueInfo
@@ -345,14 +350,56 @@ def _status_gauges(status: ReplicationStatus) -> Iterator[Metric]:
     )
 
 
-class MetricsHttpServer:
-    """prometheus_client's `/metrics` HTTP server for one registry, on its own daemon thread."""
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # a line on stderr per scrape would drown the node's own log
 
-    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
-        """Raises OSError when the address cannot be bound."""
-        server, thread = start_http_server(port, addr=host, registry=registry)
+
+def _bearer_required(app: WSGIApplication, token_hash: str) -> WSGIApplication:
+    """`app` for callers that send `Authorization: Bearer <token>` whose SHA-256 (hex, as
+    service.hash_key) is `token_hash`; everyone else gets 401 and nothing of the metrics."""
+
+    def guarded(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        scheme, _, token = str(environ.get("HTTP_AUTHORIZATION", "")).partition(" ")
+        presented = hashlib.sha256(token.strip().encode()).hexdigest()
+        if scheme.lower() == "bearer" and hmac.compare_digest(presented, token_hash):
+            return app(environ, start_response)
+        start_response(
+            "401 Unauthorized",
+            [("Content-Type", "text/plain"), ("WWW-Authenticate", 'Bearer realm="metrics"')],
+        )
+        return [b"send the metrics token as 'Authorization: Bearer <token>'\n"]
+
+    return guarded
+
+
+class MetricsHttpServer:
+    """prometheus_client's `/metrics` WSGI app for one registry, served on `host:port` by a
+    threading HTTP server on its own daemon thread; with `token_hash`, only to callers that
+    present the token (see `_bearer_required`). Any thread."""
+
+    def __init__(
+        self, registry: CollectorRegistry, host: str, port: int, *, token_hash: str | None = None
+    ) -> None:
+        """Raises OSError when the address cannot be resolved or bound."""
+        # As prometheus_client's start_http_server: the address family follows the host, so
+        # an IPv6 host such as "::1" binds too.
+        family, _, _, _, socket_address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+
+        class Server(ThreadingWSGIServer):
+            address_family = family
+
+        app = make_wsgi_app(registry)
+        if token_hash is not None:
+            app = _bearer_required(app, token_hash)
+        server = make_server(str(socket_address[0]), port, app, Server, _QuietHandler)
         self._server: WSGIServer = server
-        self._thread: threading.Thread = thread
+        self._thread = threading.Thread(
+            target=server.serve_forever, name="chasqui-metrics-http", daemon=True
+        )
+        self._thread.start()
         self.host = host
         self.port: int = server.server_port
 

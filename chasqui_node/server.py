@@ -9,7 +9,10 @@ Operability wiring: the client port also serves the standard `grpc.health.v1.Hea
 (SERVING only while this node knows a leader and has applied what it knows committed; a
 `HealthReporter` thread re-evaluates that every HEALTH_CHECK_S) and gRPC server reflection for
 the Broker and Health services. With `metrics_port` set, a Prometheus `/metrics` endpoint
-serves this node's own registry (see metrics.py) on the client host.
+serves this node's own registry (see metrics.py) on `metrics_bind`, by default the host the
+client port binds. It lists every queue's name and depth, so an operator who does not want it
+reachable from the clients' network binds it to 127.0.0.1 (or a private interface), or
+requires a bearer token (`metrics_token_hash`).
 
 Security wiring: the client port speaks TLS when a certificate is configured (mutual TLS with a
 client CA); the Raft port always needs the cluster secret (see replication.py). A configured
@@ -44,13 +47,11 @@ from chasqui_node.replication import Member, RaftTimings, ReplicationStatus, Rep
 from chasqui_node.service import BrokerService, ChangeBoard
 from chasqui_node.state_machine import StateMachine
 from chasqui_node.storage import Storage
+from chasqui_node.wire import add_broker_to_server, quiet_grpc_parse_failures
 from chasqui_proto import chasqui_pb2 as pb
-from chasqui_proto import chasqui_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
-GRPC_WORKERS = 128  # threads serving calls; long-polls hold one each while they wait
-GRPC_CONCURRENT_CALLS_MAX = 512  # beyond this new calls get RESOURCE_EXHAUSTED, not a queue
 ADMIN_CHECK_S = 0.25  # how often a node looks whether it just became leader
 HEALTH_CHECK_S = 0.5  # how often the health status is re-evaluated
 HEALTH_APPLY_LAG_MAX = 100  # committed-but-unapplied entries a SERVING node may trail by
@@ -101,6 +102,9 @@ class NodeConfig:
     tls_client_ca: Path | None = None  # PEM CA bundle; clients must present a cert it signed
     calls_in_flight_per_connection_max: int = limits.CALLS_IN_FLIGHT_PER_CONNECTION_MAX
     metrics_port: int | None = None  # None: no /metrics endpoint; 0: any free port (tests)
+    metrics_bind: str | None = None  # None: the client port's bind host; "127.0.0.1": local only
+    # Hash (service.hash_key) of the bearer token /metrics requires; None: no token required.
+    metrics_token_hash: str | None = None
 
     def member(self) -> Member:
         for member in self.members:
@@ -158,15 +162,16 @@ class NodeServer:
             on_journal_sync=self.metrics.observe_journal_sync,
         )
         self.grpc_server = grpc.server(
-            ThreadPoolExecutor(max_workers=GRPC_WORKERS, thread_name_prefix="chasqui-grpc"),
-            maximum_concurrent_rpcs=GRPC_CONCURRENT_CALLS_MAX,
+            ThreadPoolExecutor(max_workers=limits.GRPC_WORKERS, thread_name_prefix="chasqui-grpc"),
+            maximum_concurrent_rpcs=limits.GRPC_CONCURRENT_CALLS_MAX,
             options=[
                 ("grpc.max_receive_message_length", limits.GRPC_MESSAGE_BYTES_MAX),
                 ("grpc.max_send_message_length", limits.GRPC_MESSAGE_BYTES_MAX),
                 ("grpc.so_reuseport", 0),
             ],
         )
-        pb_grpc.add_BrokerServicer_to_server(
+        quiet_grpc_parse_failures()  # health and reflection keep grpc's parsers (see wire.py)
+        add_broker_to_server(
             BrokerService(
                 self.replicator,
                 self.state_machine,
@@ -199,16 +204,20 @@ class NodeServer:
         )
         ProcessCollector(registry=self.metrics.registry)
         self.metrics_server: MetricsHttpServer | None = None
+        metrics_host = config.metrics_bind or bind_host
         if config.metrics_port is not None:
             try:
                 self.metrics_server = MetricsHttpServer(
-                    self.metrics.registry, bind_host, config.metrics_port
+                    self.metrics.registry,
+                    metrics_host,
+                    config.metrics_port,
+                    token_hash=config.metrics_token_hash,
                 )
             except OSError as error:
                 self.replicator.close()
                 self.storage.close()
                 raise ConfigError(
-                    f"cannot serve metrics on {bind_host}:{config.metrics_port}: {error}"
+                    f"cannot serve metrics on {metrics_host}:{config.metrics_port}: {error}"
                 ) from error
         self.health_reporter = HealthReporter(self.health, self.replicator.status)
         self.health_reporter.start()
@@ -230,7 +239,8 @@ class NodeServer:
             "open" if config.signup_open else "closed",
             "off"
             if self.metrics_server is None
-            else f"on http://{bind_host}:{self.metrics_server.port}/metrics",
+            else f"on http://{metrics_host}:{self.metrics_server.port}/metrics"
+            + (" (bearer token required)" if config.metrics_token_hash else ""),
         )
 
     def _ensure_admin_loop(self, key_hash: str) -> None:

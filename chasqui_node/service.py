@@ -18,7 +18,6 @@ decided by the state machine, identically on every replica.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import logging
@@ -32,6 +31,7 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 import grpc
 
 from chasqui_node import limits
+from chasqui_node.admission import RateLimit, Slots
 from chasqui_node.commands import (
     AckBatch,
     AddMember,
@@ -87,6 +87,7 @@ from chasqui_node.errors import (
 from chasqui_node.metrics import NodeMetrics
 from chasqui_node.replication import AtCommit, Member, ReplicationStatus, Rider, await_results
 from chasqui_node.state_machine import StateMachine, Store
+from chasqui_node.wire import MalformedRequest, parsed
 from chasqui_proto import chasqui_pb2 as pb
 from chasqui_proto import chasqui_pb2_grpc as pb_grpc
 
@@ -245,44 +246,6 @@ class _Quiet(NamedTuple):
         return lease_ended or board.version(*key) != self.version
 
 
-class ConnectionSlots:
-    """Bounds the calls one client connection has in flight (a bounded semaphore per gRPC
-    peer, kept as a count so idle peers cost nothing). A call over the bound is refused at once
-    with RESOURCE_EXHAUSTED rather than queued: queueing would still let one connection hold
-    every worker thread. Any thread."""
-
-    def __init__(self, slots_max: int) -> None:
-        self._lock = threading.Lock()
-        self._slots_max = slots_max
-        self._in_flight: dict[str, int] = {}
-
-    @contextlib.contextmanager
-    def hold(self, peer: str) -> Iterator[None]:
-        with self._lock:
-            count = self._in_flight.get(peer, 0)
-            if count >= self._slots_max:
-                raise ResourceExhausted(
-                    f"connection {peer} already has {count} calls in flight, at "
-                    f"calls_in_flight_per_connection_max {self._slots_max}; "
-                    "wait for one to finish or open another connection"
-                )
-            self._in_flight[peer] = count + 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                remaining = self._in_flight[peer] - 1
-                if remaining:
-                    self._in_flight[peer] = remaining
-                else:
-                    del self._in_flight[peer]
-
-    def in_flight(self) -> dict[str, int]:
-        """Calls in flight by peer, for tests and diagnostics."""
-        with self._lock:
-            return dict(self._in_flight)
-
-
 class _Credit:
     """Deliveries a streaming consumer may still receive: granted by the client, spent by the
     server, capped at limits.STREAM_CREDIT_MAX so a client cannot make the server lease more
@@ -328,12 +291,17 @@ def _rpc_stream(method: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[
     @functools.wraps(method)
     def handler(self: BrokerService, requests: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         try:
-            with self.connection_slots.hold(context.peer()):
-                for response in method(self, requests, context):
+            with self.connection_slots.hold(f"connection {context.peer()}"):
+                for response in method(self, _parsed_stream(requests, context), context):
                     self.metrics.count_messages(method.__name__, None, response)
                     yield response
         except ChasquiError as error:
             self._abort(context, error)
+        except grpc.RpcError:
+            # grpc's request iterator raises this once the client has cancelled (or its
+            # deadline passed), even before a first request: a normal end, nothing to answer.
+            if context.is_active():
+                _abort_internal(context, method.__name__)
         except Exception:
             _abort_internal(context, method.__name__)
         finally:
@@ -347,6 +315,19 @@ def _rpc_stream(method: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[
     return handler
 
 
+def _parsed_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+    """A stream's requests, each checked with `parsed`. A streaming method may read them on
+    another thread (ConsumeStream's credit reader), where an error only ends the reading; so
+    the refusal is also set as the call's status here, and the stream ends with it."""
+    for request in requests:
+        if isinstance(request, MalformedRequest):
+            error = request.error()
+            context.set_code(next(code for cls, code in _STATUS_OF if isinstance(error, cls)))
+            context.set_details(error.message)
+            raise error
+        yield request
+
+
 def _rpc(method: Callable[..., Any]) -> Callable[..., Any]:
     """Turn domain errors into status codes; never let a traceback reach the client."""
 
@@ -354,7 +335,8 @@ def _rpc(method: Callable[..., Any]) -> Callable[..., Any]:
     def handler(self: BrokerService, request: Any, context: grpc.ServicerContext) -> Any:
         started = time.monotonic()
         try:
-            with self.connection_slots.hold(context.peer()):
+            request = parsed(request)  # bytes that did not parse: INVALID_ARGUMENT (wire.py)
+            with self.connection_slots.hold(f"connection {context.peer()}"):
                 response = method(self, request, context)
             self.metrics.count_messages(method.__name__, request, response)
             return response
@@ -380,6 +362,8 @@ class BrokerService(pb_grpc.BrokerServicer):
         proposal_timeout_s: float = limits.PROPOSAL_TIMEOUT_S_DEFAULT,
         signup_open: bool = True,
         calls_in_flight_per_connection_max: int = limits.CALLS_IN_FLIGHT_PER_CONNECTION_MAX,
+        waiting_calls_max: int = limits.WAITING_CALLS_MAX,
+        waiting_calls_per_key_max: int = limits.WAITING_CALLS_PER_KEY_MAX,
         metrics: NodeMetrics | None = None,
     ) -> None:
         """`signup_open=False` lets only admin keys create users. Every node of a cluster
@@ -391,7 +375,27 @@ class BrokerService(pb_grpc.BrokerServicer):
         self._changes = change_board
         self._proposal_timeout_s = proposal_timeout_s
         self._signup_open = signup_open
-        self.connection_slots = ConnectionSlots(calls_in_flight_per_connection_max)
+        self.connection_slots = Slots(
+            "calls in flight",
+            "calls_in_flight_per_connection_max",
+            calls_in_flight_per_connection_max,
+            advice="wait for one to finish or open another connection",
+        )
+        self.signups = RateLimit(
+            "signups_per_second_max",
+            limits.SIGNUPS_PER_SECOND_MAX,
+            limits.SIGNUP_BURST_MAX,
+            advice="retry in a moment, or have an admin create the user",
+        )
+        # Long-polls and streams (see admission.py), by key hash.
+        self.waiting_slots = Slots(
+            "waiting calls (long-polls and streams)",
+            "waiting_calls_per_key_max",
+            waiting_calls_per_key_max,
+            "waiting_calls_max",
+            waiting_calls_max,
+            advice="close one, or consume with timeout_s 0 and a pause between calls",
+        )
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -441,6 +445,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         key = secrets.token_urlsafe(limits.KEY_BYTES)
         command: Command
         if self._signup_open and not request.admin:
+            self.signups.take("open signup")
             command = CreateUser(key_hash=hash_key(key))
         else:
             what = "an admin user" if request.admin else "a user: signup is closed"
@@ -776,7 +781,11 @@ class BrokerService(pb_grpc.BrokerServicer):
         remaining = context.time_remaining()
         if remaining is not None:
             deadline = min(deadline, time.monotonic() + remaining - 0.2)
-        result, _ = self._consume_until(command, deadline, context)
+        if request.timeout_s <= 0:
+            result, _ = self._consume_until(command, deadline, context)
+        else:
+            with self.waiting_slots.hold(key_hash, "this key"):
+                result, _ = self._consume_until(command, deadline, context)
         return _consume_response(result.deliveries)
 
     def _consume_until(
@@ -882,6 +891,18 @@ class BrokerService(pb_grpc.BrokerServicer):
             "visibility_timeout_ms_max",
             limits.VISIBILITY_TIMEOUT_MS_MAX,
         )
+        with self.waiting_slots.hold(key_hash, "this key"):
+            yield from self._stream(key_hash, kind, first, requests, context)
+
+    def _stream(
+        self,
+        key_hash: str,
+        kind: Kind,
+        first: pb.ConsumeStreamRequest,
+        requests: Iterator[pb.ConsumeStreamRequest],
+        context: grpc.ServicerContext,
+    ) -> Iterator[pb.ConsumeResponse]:
+        """ConsumeStream once admitted: push deliveries as the client grants credit."""
         credit = _Credit()
         credit.grant(first.credit)
 

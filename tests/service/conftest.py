@@ -30,9 +30,9 @@ from chasqui_node.replication import (
     RiderBoard,
     Role,
 )
-from chasqui_node.server import GRPC_CONCURRENT_CALLS_MAX, GRPC_WORKERS
 from chasqui_node.service import BrokerService, ChangeBoard
 from chasqui_node.state_machine import MemoryStore, StateMachine, Store
+from chasqui_node.wire import add_broker_to_server
 from chasqui_proto import chasqui_pb2 as pb
 from chasqui_proto import chasqui_pb2_grpc as pb_grpc
 
@@ -186,15 +186,15 @@ def broker() -> Iterator[Broker]:
     clock = FakeClock(int(time.time() * 1000))
     replication = FakeReplication(state_machine, MemoryStore(), change_board, clock)
     server = grpc.server(
-        ThreadPoolExecutor(max_workers=GRPC_WORKERS, thread_name_prefix="chasqui-test-grpc"),
-        maximum_concurrent_rpcs=GRPC_CONCURRENT_CALLS_MAX,
+        ThreadPoolExecutor(max_workers=limits.GRPC_WORKERS, thread_name_prefix="chasqui-test-grpc"),
+        maximum_concurrent_rpcs=limits.GRPC_CONCURRENT_CALLS_MAX,
         options=[
             ("grpc.max_receive_message_length", limits.GRPC_MESSAGE_BYTES_MAX),
             ("grpc.max_send_message_length", limits.GRPC_MESSAGE_BYTES_MAX),
             ("grpc.so_reuseport", 0),
         ],
     )
-    pb_grpc.add_BrokerServicer_to_server(
+    add_broker_to_server(
         BrokerService(replication, state_machine, change_board, proposal_timeout_s=2.0), server
     )
     port = server.add_insecure_port("127.0.0.1:0")

@@ -40,6 +40,7 @@ from chasqui_node.server import (
 )
 from chasqui_node.service import BrokerService, ChangeBoard, hash_key
 from chasqui_node.state_machine import MemoryStore, StateMachine
+from chasqui_node.wire import add_broker_to_server
 from chasqui_proto import chasqui_pb2 as pb
 from chasqui_proto import chasqui_pb2_grpc as pb_grpc
 from tests.service.conftest import NODE, FakeClock, FakeReplication
@@ -93,7 +94,7 @@ def node() -> Iterator[Node]:
     )
     metrics = NodeMetrics()
     server = grpc.server(ThreadPoolExecutor(max_workers=16), options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_BrokerServicer_to_server(
+    add_broker_to_server(
         BrokerService(
             replication, state_machine, change_board, proposal_timeout_s=2.0, metrics=metrics
         ),

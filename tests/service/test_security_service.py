@@ -23,9 +23,9 @@ import pytest
 
 from chasqui_node import limits
 from chasqui_node.commands import EnsureAdmin, UserCreated
-from chasqui_node.server import GRPC_CONCURRENT_CALLS_MAX, GRPC_WORKERS
 from chasqui_node.service import BrokerService, ChangeBoard, hash_key
 from chasqui_node.state_machine import MemoryStore, StateMachine
+from chasqui_node.wire import add_broker_to_server
 from chasqui_proto import chasqui_pb2 as pb
 from chasqui_proto import chasqui_pb2_grpc as pb_grpc
 from tests.harness import wait_until
@@ -65,6 +65,8 @@ class SecuredBroker:
 def start_secured(
     signup_open: bool = True,
     calls_in_flight_per_connection_max: int = limits.CALLS_IN_FLIGHT_PER_CONNECTION_MAX,
+    waiting_calls_max: int = limits.WAITING_CALLS_MAX,
+    waiting_calls_per_key_max: int = limits.WAITING_CALLS_PER_KEY_MAX,
 ) -> Iterator[SecuredBroker]:
     """An in-process node with these security settings and a bootstrap admin."""
     state_machine = StateMachine()
@@ -81,16 +83,18 @@ def start_secured(
         proposal_timeout_s=2.0,
         signup_open=signup_open,
         calls_in_flight_per_connection_max=calls_in_flight_per_connection_max,
+        waiting_calls_max=waiting_calls_max,
+        waiting_calls_per_key_max=waiting_calls_per_key_max,
     )
     server = grpc.server(
-        ThreadPoolExecutor(max_workers=GRPC_WORKERS, thread_name_prefix="chasqui-test-grpc"),
-        maximum_concurrent_rpcs=GRPC_CONCURRENT_CALLS_MAX,
+        ThreadPoolExecutor(max_workers=limits.GRPC_WORKERS, thread_name_prefix="chasqui-test-grpc"),
+        maximum_concurrent_rpcs=limits.GRPC_CONCURRENT_CALLS_MAX,
         options=[
             ("grpc.max_receive_message_length", limits.GRPC_MESSAGE_BYTES_MAX),
             ("grpc.so_reuseport", 0),
         ],
     )
-    pb_grpc.add_BrokerServicer_to_server(service, server)
+    add_broker_to_server(service, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     channels: list[grpc.Channel] = []
@@ -334,9 +338,12 @@ def _hold_long_polls(
         for _ in range(count)
     ]
     wait_until(
-        lambda: sum(broker.service.connection_slots.in_flight().values()) == count,
+        lambda: (
+            sum(broker.service.connection_slots.in_flight().values()) == count
+            and sum(broker.service.waiting_slots.in_flight().values()) == count
+        ),
         10,
-        f"{count} long-polls in flight",
+        f"{count} long-polls in flight and waiting",
     )
     return held
 
@@ -364,3 +371,71 @@ def test_calls_in_flight_per_connection(held: int, refused: bool) -> None:
             assert len(future.result(timeout=10).deliveries) == 1
         stub.WhoAmI(pb.WhoAmIRequest(), metadata=user, timeout=5)  # slots come back
         assert broker.service.connection_slots.in_flight() == {}
+
+
+@pytest.mark.parametrize(("held", "refused"), [(2, False), (3, True)])
+def test_waiting_calls_per_key(held: int, refused: bool) -> None:
+    """With a bound of 3 per key: a key holding 2 long-polls may open one more (reaching the
+    bound), one holding 3 is refused at once, over any connection; a short consume (timeout
+    0) and another key's long-poll are still served."""
+    with start_secured(waiting_calls_per_key_max=3) as broker:
+        user, other_user = broker.new_user(), broker.new_user()
+        create_queue(broker.stub, user, "idle")
+        waiting = _hold_long_polls(broker, pb_grpc.BrokerStub(broker.open_channel()), user, held)
+        stub = pb_grpc.BrokerStub(broker.open_channel())
+        long_poll = pb.ConsumeRequest(kind=pb.QUEUE, name="idle", timeout_s=0.2)
+        if refused:
+            error = refusal(stub.Consume, long_poll, user, RESOURCE_EXHAUSTED)
+            assert error.details().startswith(
+                "this key already has 3 waiting calls (long-polls and streams), at "
+                "waiting_calls_per_key_max 3;"
+            )
+            stream = stub.ConsumeStream(
+                iter([pb.ConsumeStreamRequest(kind=pb.QUEUE, name="idle", credit=1)]),
+                metadata=user,
+                timeout=5,
+            )
+            with pytest.raises(grpc.RpcError) as streamed:
+                next(stream)
+            assert streamed.value.code() == RESOURCE_EXHAUSTED
+        else:
+            assert not stub.Consume(long_poll, metadata=user, timeout=5).deliveries
+        short = pb.ConsumeRequest(kind=pb.QUEUE, name="idle", timeout_s=0)
+        assert not stub.Consume(short, metadata=user, timeout=5).deliveries
+        assert not stub.Consume(long_poll, metadata=other_user, timeout=5).deliveries
+        for _ in waiting:
+            publish(broker.stub, user, "idle")
+        for future in waiting:
+            assert len(future.result(timeout=10).deliveries) == 1
+        assert broker.service.waiting_slots.in_flight() == {}
+
+
+def test_waiting_calls_per_node() -> None:
+    """With a node bound of 4 and 3 per key: two keys fill the node; a third key's long-poll
+    is refused naming the node's bound, while its short calls are answered."""
+    with start_secured(waiting_calls_max=4, waiting_calls_per_key_max=3) as broker:
+        first, second, third = broker.new_user(), broker.new_user(), broker.new_user()
+        create_queue(broker.stub, first, "idle")
+        waiting = _hold_long_polls(broker, pb_grpc.BrokerStub(broker.open_channel()), first, 3)
+        waiting.append(
+            broker.stub.Consume.future(
+                pb.ConsumeRequest(kind=pb.QUEUE, name="idle", timeout_s=20),
+                metadata=second,
+                timeout=30,
+            )
+        )
+        wait_until(
+            lambda: sum(broker.service.waiting_slots.in_flight().values()) == 4,
+            10,
+            "4 waiting calls",
+        )
+        long_poll = pb.ConsumeRequest(kind=pb.QUEUE, name="idle", timeout_s=5)
+        error = refusal(broker.stub.Consume, long_poll, third, RESOURCE_EXHAUSTED)
+        assert "this node already has 4 waiting calls" in error.details()
+        assert "waiting_calls_max 4" in error.details()
+        assert broker.user_id(third)
+        publish(broker.stub, third, "idle")
+        for _ in waiting[1:]:
+            publish(broker.stub, third, "idle")
+        for future in waiting:
+            assert len(future.result(timeout=10).deliveries) == 1
