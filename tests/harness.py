@@ -15,8 +15,8 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -93,6 +93,8 @@ class NodeHandle:
     data_dir: Path
     process: subprocess.Popen[bytes] | None = None
     command_prefix: tuple[str, ...] = ()  # e.g. ("ip", "netns", "exec", NAME)
+    # Extra environment of every start of this node (e.g. LD_PRELOAD to skew its clock).
+    environment: dict[str, str] = field(default_factory=dict)
 
     @property
     def log_path(self) -> Path:
@@ -104,7 +106,9 @@ class NodeHandle:
 
 class Cluster:
     """N node processes forming one Raft group: on loopback ports by default, or one node per
-    host address (with a command prefix per node, e.g. to run it in a network namespace)."""
+    host address (with a command prefix per node, e.g. to run it in a network namespace).
+    `environments` gives chosen nodes (by id) extra environment variables on every start,
+    restarts included."""
 
     def __init__(
         self,
@@ -114,6 +118,7 @@ class Cluster:
         secret: str = "test-secret",
         hosts: Sequence[str] | None = None,
         command_prefixes: Sequence[Sequence[str]] | None = None,
+        environments: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
         self.root = root
         self.extra_args = list(extra_args)
@@ -134,7 +139,10 @@ class Cluster:
                 raft_address=raft_address,
                 data_dir=root / node_id,
                 command_prefix=tuple(command_prefixes[index]) if command_prefixes else (),
+                environment=dict((environments or {}).get(node_id, {})),
             )
+        unknown = set(environments or {}) - set(self.nodes)
+        assert not unknown, f"environments for nodes that do not exist: {sorted(unknown)}"
         self.cluster_arg = ",".join(
             f"{n.node_id}={n.client_address}/{n.raft_address}" for n in self.nodes.values()
         )
@@ -160,9 +168,12 @@ class Cluster:
         arguments: Sequence[str] | None = None,
         environment: dict[str, str] | None = None,
         module: str = "chasqui_node.cli",
+        source: Path = REPO_ROOT,
     ) -> None:
         """Start a node with the usual flags, or with exactly `arguments` after `start`;
-        `module` is what `python -m` runs (a test's stand-in for an older node)."""
+        `module` is what `python -m` runs (a test's stand-in for an older node), from the code
+        under `source` (another release's, unpacked). Its environment is this process's, the
+        node's own (`NodeHandle.environment`), then `environment`."""
         node = self.nodes[node_id]
         assert not node.alive(), f"{node_id} is already running"
         node.data_dir.mkdir(parents=True, exist_ok=True)
@@ -182,12 +193,16 @@ class Cluster:
         env = {
             **os.environ,
             "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": str(REPO_ROOT),
+            "PYTHONPATH": str(source),
             "CHASQUI_CLUSTER_SECRET": self.secret,
+            **node.environment,
             **(environment or {}),
         }
         with open(node.log_path, "ab") as log:
-            node.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+            # `python -m` puts its working directory first on the path: run it in `source`.
+            node.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=source
+            )
 
     def kill(self, node_id: str, sig: int = signal.SIGKILL) -> None:
         node = self.nodes[node_id]
