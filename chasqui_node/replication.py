@@ -14,7 +14,10 @@ pysyncobj traps handled here (ARCHITECTURE section 3):
 - a snapshot's contents are fixed on the tick thread, between applies (an LMDB read
   transaction), and written beside it (`_BackgroundSnapshot`): Raft goes on meanwhile;
 - Raft is bound to the listed address and always encrypted with a cluster secret: AES-GCM
-  between Chasqui nodes, Fernet to older ones (`_Connection`, raft_cipher.py);
+  between Chasqui nodes, Fernet to older ones (raft_transport.py, raft_cipher.py);
+- a stranger on the Raft port is held to a small frame, a few seconds and a few dozen
+  connections before it authenticates, so it cannot depose a leader or fill its memory
+  (raft_transport.py);
 - a leader without a majority steps down after `leaderFallbackTimeout`, tuned to 1.5 s;
 - where pysyncobj departs from Raft's safety rules, `_RaftNode` and `_DurableRaftLog` restore
   them: a follower commits only entries the leader verified (not on a snapshot chunk), keeps
@@ -89,7 +92,8 @@ from chasqui_node.errors import (
 )
 from chasqui_node.journal import Entry as JournalEntry
 from chasqui_node.journal import Journal, JournalCorrupt, fsync_directory
-from chasqui_node.raft_cipher import KEY_MARK, ClusterCipher, ConnectionCipher, marked
+from chasqui_node.raft_cipher import ClusterCipher
+from chasqui_node.raft_transport import RaftConnection, RaftServer, RaftTransport
 from chasqui_node.state_machine import StateMachine, Store
 from chasqui_node.storage import (
     SnapshotCorrupt,
@@ -151,38 +155,11 @@ RAFT_PICKLE_PROTOCOL = 4
 setattr(pysyncobj.pickle, "__protocol", RAFT_PICKLE_PROTOCOL)  # the module's global
 
 
-class _Connection(pysyncobj.tcp_connection.TcpConnection):  # type: ignore[misc]
-    """pysyncobj's TCP connection with its own `ConnectionCipher` (see raft_cipher.py): the
-    random key this side picks carries `KEY_MARK`, and messages to a peer whose key carries
-    it are sealed with AES-GCM. pysyncobj's transport and server build connections by the
-    name `TcpConnection` in their modules, which is pointed here below."""
-
-    _cipher: ConnectionCipher | Any
-    _own_key: bytes | None
-
-    @property
-    def encryptor(self) -> ConnectionCipher | Any:
-        return self._cipher
-
-    @encryptor.setter
-    def encryptor(self, cipher: ClusterCipher | Any) -> None:
-        own = isinstance(cipher, ClusterCipher)
-        self._cipher = ConnectionCipher(cipher, self) if own else cipher
-
-    @property
-    def recvRandKey(self) -> bytes | None:  # pysyncobj's name
-        return self._own_key
-
-    @recvRandKey.setter
-    def recvRandKey(self, key: bytes | None) -> None:
-        self._own_key = key if key is None or key.endswith(KEY_MARK) else marked(key)
-
-    def seals_with_aes_gcm(self) -> bool:
-        return isinstance(self._cipher, ConnectionCipher) and self._cipher.seals_with_aes_gcm()
-
-
-pysyncobj.transport.TcpConnection = _Connection
-pysyncobj.tcp_server.TcpConnection = _Connection
+# pysyncobj's transport and server build connections, and the transport its server, by
+# these names in their modules; the node passes `RaftTransport` to pysyncobj itself.
+pysyncobj.transport.TcpConnection = RaftConnection
+pysyncobj.tcp_server.TcpConnection = RaftConnection
+pysyncobj.transport.TcpServer = RaftServer
 
 
 def _send_rest_when_writable(connection: Any) -> None:
@@ -805,7 +782,7 @@ class _RaftNode(SyncObj):  # type: ignore[misc]
             original = pysyncobj.syncobj.createJournal
             pysyncobj.syncobj.createJournal = lambda _path: raft_log
             try:
-                super().__init__(self_address, other_addresses, conf)
+                super().__init__(self_address, other_addresses, conf, transportClass=RaftTransport)
             finally:
                 pysyncobj.syncobj.createJournal = original
         # Durability points. A reply (an append-entries acknowledgement, a vote) leaves only
@@ -836,7 +813,7 @@ class _RaftNode(SyncObj):  # type: ignore[misc]
     @property
     def encryptor(self) -> ClusterCipher | None:
         """What pysyncobj hands each new connection: the cluster secret as Fernet and as the
-        key AES-GCM keys are derived from (`_Connection` makes its own cipher of it)."""
+        key AES-GCM keys are derived from (`RaftConnection` makes its own cipher of it)."""
         fernet = self._SyncObj__encryptor
         if fernet is None:
             return None
@@ -850,7 +827,7 @@ class _RaftNode(SyncObj):  # type: ignore[misc]
         return {
             node.address
             for node, connection in connections.items()
-            if isinstance(connection, _Connection) and connection.seals_with_aes_gcm()
+            if isinstance(connection, RaftConnection) and connection.seals_with_aes_gcm()
         }
 
     def _onTick(self, timeToWait: float = 0.0) -> None:

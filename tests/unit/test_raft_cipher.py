@@ -75,7 +75,9 @@ def test_two_new_nodes_seal_both_directions_with_aes_gcm() -> None:
     for body in (b"", b"x", os.urandom(200_000)):
         to_b, to_a = a.seal(body), b.seal(body[::-1])
         assert to_b.startswith(FRAME_MAGIC) and to_a.startswith(FRAME_MAGIC)
-        assert body not in to_b or not body
+        # Plaintext never shows in the frame; a 1-byte body matches some ciphertext byte by
+        # chance (1 in 256 per byte), so only bodies long enough to mean something are looked for.
+        assert len(body) < 16 or body not in to_b
         assert b.open(to_b) == body
         assert a.open(to_a) == body[::-1]
 
