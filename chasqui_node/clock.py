@@ -1,13 +1,16 @@
 """Cluster time: the clock a leader stamps into entries, which no single wall clock can bend.
 
 The rule. Cluster time is what the state machine stores (`m:clock`, the largest stamp applied,
-so it never runs backwards on any replica). Each node keeps an estimate of it: the last applied
-clock, advanced by this node's *monotonic* clock since it was applied. A leader stamps its
-estimate. So a leader advances cluster time by the real time that passed on it, whatever its
-wall clock says: a node whose wall clock is an hour ahead or behind, or that is stepped by NTP
-mid-run, leads with the same time as any other, and leases, TTLs and delays last what they were
-asked to last. Only clock *rate* matters, and ordinary clocks agree on rate within a few parts
-per million.
+so it never runs backwards on any replica). Each node keeps an estimate of it: the latest
+cluster time it has seen, advanced by this node's *monotonic* clock since it saw it. It sees
+cluster time in every entry it applies and in every append-entries message of the leader,
+heartbeats included (replication.py), so a follower's estimate is the leader's even while
+nothing is written, and a node that caught up on old entries resumes from the present, not
+from its last entry's stamp. A leader stamps its estimate. So a leader advances cluster time
+by the real time that passed on it, whatever its wall clock says: a node whose wall clock is
+an hour ahead or behind, or that is stepped by NTP mid-run, leads with the same time as any
+other, and leases, TTLs and delays last what they were asked to last. Only clock *rate*
+matters, and ordinary clocks agree on rate within a few parts per million.
 
 A wall clock is read in two places only:
 - a brand-new cluster (stored clock 0) starts cluster time from its first leader's wall clock,
@@ -22,7 +25,8 @@ leases, delays and TTLs do not run down during the outage, and publish times aft
 the wall clock by the outage's length (the skew metric shows it). A rolling restart loses
 nothing: the running nodes keep the time.
 
-Thread rules: `observe` runs on the replication (tick) thread after each apply; `now_ms`,
+Thread rules: `observe` runs on the replication (tick) thread, after each apply and on each
+append-entries message; `now_ms`,
 `stamp_ms` and `skew_s` may be called from any thread.
 """
 
@@ -78,9 +82,9 @@ class ClusterClock:
             return self._now_locked(monotonic_s)
 
     def observe(self, applied_ms: int) -> None:
-        """After an apply: `applied_ms` is the state's clock now. If a leader's stamp is ahead
-        of this estimate (its monotonic clock ran faster, or this node just started) the
-        estimate takes it from here; a stamp behind it changes nothing."""
+        """`applied_ms` is cluster time as an entry or the leader's message says. If it is
+        ahead of this estimate (the leader's monotonic clock ran faster, or this node just
+        started or caught up) the estimate takes it from here; one behind changes nothing."""
         with self._lock:
             monotonic_s = self._monotonic_s()
             if applied_ms > self._now_locked(monotonic_s):

@@ -178,6 +178,9 @@ def _send_rest_when_writable(connection: Any) -> None:
         )
 
 
+# The key of an append-entries message that carries the leader's cluster time (clock.py).
+CLUSTER_TIME_KEY = "chasqui_cluster_time_ms"
+
 # The first byte of pysyncobj's own membership-change entries (ours are ASCII text).
 _MEMBERSHIP_COMMAND = bytes([pysyncobj.syncobj._COMMAND_TYPE.MEMBERSHIP])
 
@@ -768,11 +771,13 @@ class _RaftNode(SyncObj):  # type: ignore[misc]
         apply_encoded: Callable[[int, str | bytes], list[Result] | None],
         raft_log: _DurableRaftLog,
         accept_snapshot: Callable[[str], bool],
+        clock: ClusterClock,
     ) -> None:
         # Assigned before SyncObj.__init__ so pysyncobj's default serializer would skip it; we
         # use our own serializer anyway, and the state lives in LMDB.
         self._apply_encoded = apply_encoded
         self._raft_log = raft_log
+        self._clock = clock
         self._cluster_cipher: ClusterCipher | None = None  # see `encryptor`
         self._deferring_append_entries = False  # see _SyncObj__sendAppendEntries
         self._append_entries_deferred = False
@@ -798,6 +803,12 @@ class _RaftNode(SyncObj):  # type: ignore[misc]
         def send_after_sync(node: Any, message: Any) -> Any:
             if message.get("type") != "append_entries":
                 raft_log.sync()
+            elif (now_ms := clock.now_ms()) > 0:
+                # Cluster time rides on every append-entries, heartbeats included, so a
+                # follower's estimate is the leader's even while no entry is stamped: a node
+                # that catches up on old entries, then leads, resumes from the present, not
+                # from its last entry's stamp. Nodes of older releases ignore the key.
+                message[CLUSTER_TIME_KEY] = now_ms
             sent = send(node, message)
             connection = transport._connections.get(node)
             if connection is not None:
@@ -901,6 +912,8 @@ class _RaftNode(SyncObj):  # type: ignore[misc]
             self.raftCurrentTerm
         ):
             return
+        if kind == "append_entries" and type(message.get(CLUSTER_TIME_KEY)) is int:
+            self._clock.observe(message[CLUSTER_TIME_KEY])
         before = self._SyncObj__raftCommitIndex
         self._snapshot_receiver.completed = False
         super()._SyncObj__onMessageReceived(node, message)
@@ -1052,6 +1065,7 @@ class Replicator:
             self._apply_encoded,
             self._raft_log,
             self._accept_snapshot,
+            self.clock,
         )
         self._proposer = threading.Thread(
             target=self._propose_loop, name=f"chasqui-proposer-{node_id}", daemon=True

@@ -41,6 +41,20 @@ def _channels(address: str, count: int) -> list[grpc.Channel]:
     ]
 
 
+def _wait_serving(channel: grpc.Channel) -> None:
+    """The health check answers within 3 s each time, and says SERVING (a node still
+    settling after its start may say NOT_SERVING for a moment: bounded wait)."""
+    health = health_pb2_grpc.HealthStub(channel)
+    wait_until(
+        lambda: (
+            health.Check(health_pb2.HealthCheckRequest(service=""), timeout=ANSWER_WITHIN_S).status
+            == health_pb2.HealthCheckResponse.SERVING
+        ),
+        10,
+        "the leader's health check to say SERVING",
+    )
+
+
 def _assert_others_are_served(cluster: Cluster, leader: str, other_key: str) -> None:
     """Another user's calls, the health check and status on the leader, each within 3 s."""
     address = cluster.nodes[leader].client_address
@@ -59,10 +73,7 @@ def _assert_others_are_served(cluster: Cluster, leader: str, other_key: str) -> 
             timeout=ANSWER_WITHIN_S,
         )
         assert [delivery.body for delivery in consumed.deliveries] == [b"still served"]
-        health = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=""), timeout=ANSWER_WITHIN_S
-        )
-        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        _wait_serving(channel)
     assert cluster.node_status(leader, timeout_s=ANSWER_WITHIN_S).role == "leader"
 
 
@@ -86,6 +97,8 @@ def _settled(futures: list[Any], expected_refused: int) -> list[Any]:
 @pytest.fixture
 def keys(cluster: Cluster) -> Iterator[tuple[str, str]]:
     """An attacker's key (owning the idle queue) and another user's (owning its own)."""
+    with grpc.insecure_channel(cluster.nodes[cluster.wait_for_leader()].client_address) as channel:
+        _wait_serving(channel)
     attacker = cluster.client(call_timeout_s=10)
     attacker.create_queue("idle")
     other = cluster.client(call_timeout_s=10)
