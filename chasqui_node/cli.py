@@ -22,113 +22,38 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import json
 import logging
 import os
-import re
 import secrets
 import signal
 import subprocess
 import sys
 import time
 import tomllib
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import click
-import grpc
 
 from chasqui_node import limits
+from chasqui_node.cli_cluster import members, status
+from chasqui_node.credentials import ADMIN_KEY_ENV, admin_key_hash, metrics_token_hash
 from chasqui_node.journal import JournalCorrupt
+from chasqui_node.logs import configure_logging
+from chasqui_node.raft import PysyncobjMismatch
 from chasqui_node.replication import RaftTimings
 from chasqui_node.server import ConfigError, NodeConfig, create_server, parse_cluster
-from chasqui_node.service import LEADER_METADATA_KEY, hash_key
 from chasqui_node.storage import StorageError
 from chasqui_node.tls import write_dev_tls
-from chasqui_proto import chasqui_pb2 as pb
-from chasqui_proto import chasqui_pb2_grpc as pb_grpc
 
 logger = logging.getLogger("chasqui_node")
 
 DEV_CLIENT_PORT_BASE = 7101
 DEV_RAFT_PORT_BASE = 7201
 DEV_METRICS_PORT_BASE = 7301
-DEV_STOP_WAIT_S = 10.0  # SIGTERM, then SIGKILL after this long
-ADMIN_KEY_ENV = "CHASQUI_ADMIN_KEY"
-_KEY_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
-
-
-_BEARER_TOKEN = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
-REDACTED = "[redacted]"
-
-
-class TextLogFormatter(logging.Formatter):
-    """One event, one line: `ts LEVEL logger [node_id]: message`, a traceback folded onto the
-    same line with literal `\\n`, and secrets masked (see `_scrub`)."""
-
-    def __init__(self, node_id: str, secrets_to_mask: tuple[str, ...]) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s [%(node_id)s]: %(message)s")
-        self._node_id = node_id
-        self._secrets = secrets_to_mask
-
-    def format(self, record: logging.LogRecord) -> str:
-        record.node_id = self._node_id
-        return _scrub(super().format(record), self._secrets).replace("\n", "\\n")
-
-
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line: ts (UTC, ISO 8601), level, logger, message, node_id, and
-    `exception` when there is a traceback. Secrets are masked as in text."""
-
-    def __init__(self, node_id: str, secrets_to_mask: tuple[str, ...]) -> None:
-        super().__init__()
-        self._node_id = node_id
-        self._secrets = secrets_to_mask
-
-    def format(self, record: logging.LogRecord) -> str:
-        event: dict[str, str] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": _scrub(record.getMessage(), self._secrets),
-            "node_id": self._node_id,
-        }
-        if record.exc_info:
-            event["exception"] = _scrub(self.formatException(record.exc_info), self._secrets)
-        return json.dumps(event, ensure_ascii=False)
-
-
-def _scrub(text: str, secrets_to_mask: tuple[str, ...]) -> str:
-    """Defence in depth: Chasqui never logs a secret, but a library might echo one."""
-    for secret in secrets_to_mask:
-        text = text.replace(secret, REDACTED)
-    return _BEARER_TOKEN.sub(lambda match: match.group(1) + REDACTED, text)
-
-
-def _configure_logging(
-    level: str,
-    log_format: str = "text",
-    node_id: str = "-",
-    secrets_to_mask: tuple[str, ...] = (),
-) -> None:
-    """Route every log record to stderr, one line per event, in `log_format` (text or json).
-    `secrets_to_mask` are replaced by [redacted] wherever they would appear."""
-    masked = tuple(secret for secret in secrets_to_mask if secret)
-    formatter: logging.Formatter = (
-        JsonLogFormatter(node_id, masked)
-        if log_format == "json"
-        else TextLogFormatter(node_id, masked)
-    )
-    handler = logging.StreamHandler()
-    handler.setFormatter(formatter)
-    root = logging.getLogger()
-    for existing in list(root.handlers):
-        root.removeHandler(existing)
-    root.addHandler(handler)
-    root.setLevel(getattr(logging, level.upper(), logging.INFO))
-    # pysyncobj logs every reconnect attempt at WARNING while peers start up.
-    logging.getLogger("pysyncobj").setLevel(logging.ERROR)
+# `start` against another pysyncobj than the Raft layer's (sysexits EX_CONFIG); not 3, which
+# means a damaged file in the data directory.
+EXIT_PYSYNCOBJ_MISMATCH = 78
 
 
 def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
@@ -147,73 +72,6 @@ def _derived_secret(cluster: str) -> str:
     who knows the member list can derive it. The node warns; production sets a real one."""
     members = ",".join(sorted(cluster.split(",")))
     return hashlib.sha256(f"chasqui-dev-secret:{members}".encode()).hexdigest()
-
-
-def admin_key_hash(key_file: Path | None, environment: dict[str, str]) -> str | None:
-    """The hash of the configured admin key (file first, then `CHASQUI_ADMIN_KEY`), or None.
-    Raises ConfigError for a key too short or not URL-safe; the message never shows the key."""
-    key = admin_key(key_file, environment)
-    return None if key is None else hash_key(key)
-
-
-def metrics_token_hash(token_file: Path | None) -> str | None:
-    """The hash of the bearer token /metrics requires (first line of `token_file`), or None
-    for none. The token follows the admin key's rules; raises ConfigError as `admin_key` does."""
-    if token_file is None:
-        return None
-    source = f"metrics token file {token_file}"
-    return hash_key(_checked_key(_first_line(token_file, source), source))
-
-
-def admin_key(key_file: Path | None, environment: dict[str, str]) -> str | None:
-    """The configured admin key itself (see `admin_key_hash`); only the membership commands,
-    which must send it, use it unhashed."""
-    if key_file is not None:
-        source = f"admin key file {key_file}"
-        key = _first_line(key_file, source)
-    elif environment.get(ADMIN_KEY_ENV):
-        key = environment[ADMIN_KEY_ENV].strip()
-        source = ADMIN_KEY_ENV
-    else:
-        return None
-    return _checked_key(key, source)
-
-
-def _first_line(key_file: Path, source: str) -> str:
-    try:
-        lines = key_file.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"cannot read {source}: {error}") from error
-    return lines[0].strip() if lines else ""
-
-
-def _checked_key(key: str, source: str) -> str:
-    """`key`, when it is long and URL-safe enough; the ConfigError never shows it."""
-    if not (
-        limits.ADMIN_KEY_CHARS_MIN <= len(key) <= limits.ADMIN_KEY_CHARS_MAX
-        and set(key) <= _KEY_ALPHABET
-    ):
-        raise ConfigError(
-            f"the key in {source} must be {limits.ADMIN_KEY_CHARS_MIN} to "
-            f"{limits.ADMIN_KEY_CHARS_MAX} URL-safe characters [A-Za-z0-9_-] (at least 128 "
-            "random bits); make one with: python -c 'import secrets; "
-            "print(secrets.token_urlsafe(24))'"
-        )
-    return key
-
-
-def _client_credentials(
-    ca: Path | None, cert: Path | None, key: Path | None
-) -> grpc.ChannelCredentials | None:
-    if ca is None and cert is None:
-        return None
-    if (cert is None) != (key is None):
-        raise click.UsageError("--tls-cert and --tls-key go together; give both")
-    return grpc.ssl_channel_credentials(
-        root_certificates=ca.read_bytes() if ca else None,
-        private_key=key.read_bytes() if key else None,
-        certificate_chain=cert.read_bytes() if cert else None,
-    )
 
 
 @click.group()
@@ -376,7 +234,7 @@ def start(
     secret_derived = not cluster_secret
     if not cluster_secret:
         cluster_secret = _derived_secret(cluster)
-    _configure_logging(log_level, log_format, node_id, (cluster_secret,))
+    configure_logging(log_level, log_format, node_id, (cluster_secret,))
     if secret_derived:
         logger.warning(
             "no --cluster-secret given: using one derived from the member list, which anyone "
@@ -404,6 +262,11 @@ def start(
         server, _port = create_server(config)
     except ConfigError as error:
         raise click.UsageError(str(error)) from error
+    except PysyncobjMismatch as error:
+        # The Raft layer's overrides could silently miss what they replace: no restart fixes
+        # that, installing the pinned pysyncobj does.
+        logger.critical("refusing to start: %s", error)
+        raise SystemExit(EXIT_PYSYNCOBJ_MISMATCH) from error
     except (JournalCorrupt, StorageError) as error:
         # Serving or voting with a damaged log could lose or invent confirmed messages.
         logger.critical("refusing to start: %s", error)
@@ -529,7 +392,7 @@ def dev(
     click.echo("\nCtrl-C stops every node.")
     try:
         while all(process.poll() is None for process in processes):
-            time.sleep(0.5)
+            time.sleep(limits.DEV_WATCH_INTERVAL_S)
         click.echo("a node exited; stopping the cluster (see its node.log)", err=True)
     except KeyboardInterrupt:
         click.echo("\nstopping...")
@@ -551,7 +414,7 @@ def _stop_processes(processes: list[subprocess.Popen[bytes]]) -> None:
     for process in processes:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + DEV_STOP_WAIT_S
+    deadline = time.monotonic() + limits.DEV_STOP_WAIT_S
     for process in processes:
         try:
             process.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -560,216 +423,8 @@ def _stop_processes(processes: list[subprocess.Popen[bytes]]) -> None:
             process.wait()
 
 
-def _client_tls_options(command: Any) -> Any:
-    """--tls-ca, --tls-cert and --tls-key, for commands that call the nodes' client port."""
-    for option in (
-        click.option(
-            "--tls-key",
-            type=click.Path(dir_okay=False, exists=True, path_type=Path),
-            default=None,
-            envvar="CHASQUI_TLS_CLIENT_KEY",
-            help="Private key of --tls-cert.",
-        ),
-        click.option(
-            "--tls-cert",
-            type=click.Path(dir_okay=False, exists=True, path_type=Path),
-            default=None,
-            envvar="CHASQUI_TLS_CLIENT_CERT",
-            help="Client certificate for nodes that require mutual TLS (with --tls-key).",
-        ),
-        click.option(
-            "--tls-ca",
-            type=click.Path(dir_okay=False, exists=True, path_type=Path),
-            default=None,
-            envvar="CHASQUI_TLS_CA",
-            help="Connect over TLS, trusting this PEM CA bundle.",
-        ),
-    ):
-        command = option(command)
-    return command
-
-
-@main.command()
-@click.option(
-    "--endpoints",
-    required=True,
-    envvar="CHASQUI_ENDPOINTS",
-    help="Client addresses, comma separated.",
-)
-@click.option("--timeout-s", default=2.0, show_default=True)
-@_client_tls_options
-def status(
-    endpoints: str,
-    timeout_s: float,
-    tls_ca: Path | None,
-    tls_cert: Path | None,
-    tls_key: Path | None,
-) -> None:
-    """Print each node's role, term, commit/applied index and lag."""
-    rows: list[tuple[str, ...]] = []
-    answers: list[Any] = []
-    credentials = _client_credentials(tls_ca, tls_cert, tls_key)
-    for endpoint in filter(None, (e.strip() for e in endpoints.split(","))):
-        channel = (
-            grpc.insecure_channel(endpoint)
-            if credentials is None
-            else grpc.secure_channel(endpoint, credentials)
-        )
-        with channel:
-            try:
-                answer = pb_grpc.BrokerStub(channel).ClusterStatus(
-                    pb.ClusterStatusRequest(), timeout=timeout_s
-                )
-                answers.append((endpoint, answer))
-            except grpc.RpcError as error:
-                answers.append((endpoint, error))
-    leader_commit = max(
-        (
-            a.commit_index
-            for _, a in answers
-            if not isinstance(a, grpc.RpcError) and a.role == "leader"
-        ),
-        default=0,
-    )
-    for endpoint, answer in answers:
-        if isinstance(answer, grpc.RpcError):
-            rows.append((endpoint, "-", "unreachable", "-", "-", "-", "-", "-"))
-            continue
-        lag = str(max(0, leader_commit - answer.applied_index)) if leader_commit else "?"
-        rows.append(
-            (
-                endpoint,
-                answer.node_id,
-                answer.role,
-                str(answer.term),
-                answer.leader_id or "-",
-                str(answer.commit_index),
-                str(answer.applied_index),
-                lag,
-            )
-        )
-    header = ("endpoint", "node", "role", "term", "leader", "commit", "applied", "lag")
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-        click.echo("  ".join(cells).rstrip())
-    if not any(not isinstance(a, grpc.RpcError) and a.role == "leader" for _, a in answers):
-        raise SystemExit(1)
-
-
-MEMBERS_CALL_ATTEMPTS_MAX = 10  # endpoints tried (following leader hints) per membership change
-MEMBERS_RETRY_PAUSE_S = 0.3  # between attempts when no node names a leader
-
-
-@main.group()
-def members() -> None:
-    """Add or remove one cluster member at a time (on the leader; needs an admin key)."""
-
-
-def _members_options(command: Any) -> Any:
-    command = _client_tls_options(command)  # listed after the options below
-    for option in reversed(
-        [
-            click.option(
-                "--endpoints",
-                required=True,
-                envvar="CHASQUI_ENDPOINTS",
-                help="Client addresses of current members, comma separated.",
-            ),
-            click.option(
-                "--admin-key-file",
-                type=click.Path(dir_okay=False, exists=True, path_type=Path),
-                default=None,
-                help=f"File holding an admin key (default: ${ADMIN_KEY_ENV}).",
-            ),
-            click.option("--timeout-s", default=15.0, show_default=True),
-        ]
-    ):
-        command = option(command)
-    return command
-
-
-def _call_leader(method: str, request: Any, endpoints: str, options: dict[str, Any]) -> Any:
-    """Send an admin call to the leader, following `chasqui-leader` hints. Exits 1 with the
-    node's message on any refusal; never prints the key."""
-    key = admin_key(options["admin_key_file"], dict(os.environ))
-    if key is None:
-        raise click.UsageError(f"give --admin-key-file or set {ADMIN_KEY_ENV}")
-    credentials = _client_credentials(options["tls_ca"], options["tls_cert"], options["tls_key"])
-    listed = [e.strip() for e in endpoints.split(",") if e.strip()]
-    if not listed:
-        raise click.UsageError("--endpoints lists no address")
-    deadline = time.monotonic() + options["timeout_s"]
-    endpoint = listed[0]
-    last_error: grpc.RpcError | None = None
-    for attempt in range(1, MEMBERS_CALL_ATTEMPTS_MAX + 1):
-        remaining_s = deadline - time.monotonic()
-        if remaining_s <= 0:
-            break
-        channel = (
-            grpc.insecure_channel(endpoint)
-            if credentials is None
-            else grpc.secure_channel(endpoint, credentials)
-        )
-        with channel:
-            try:
-                return getattr(pb_grpc.BrokerStub(channel), method)(
-                    request, metadata=(("authorization", f"Bearer {key}"),), timeout=remaining_s
-                )
-            except grpc.RpcError as error:
-                last_error = error
-                if error.code() != grpc.StatusCode.UNAVAILABLE:
-                    break
-                hint = dict(error.trailing_metadata() or ()).get(LEADER_METADATA_KEY)
-                if hint:
-                    endpoint = str(hint)
-                else:
-                    endpoint = listed[attempt % len(listed)]
-                    time.sleep(MEMBERS_RETRY_PAUSE_S)
-    if last_error is None:
-        click.echo(f"error: no answer within {options['timeout_s']} s", err=True)
-    else:
-        click.echo(f"error: {last_error.code().name}: {last_error.details()}", err=True)
-    raise SystemExit(1)
-
-
-def _echo_members(response: Any) -> None:
-    click.echo("members:")
-    for member in response.members:
-        click.echo(f"  {member.node_id}={member.client_address}/{member.raft_address}")
-
-
-@members.command("add")
-@_members_options
-@click.argument("member")
-def members_add(member: str, endpoints: str, **options: Any) -> None:
-    """Add MEMBER, given as ID=CLIENT_HOST:PORT/RAFT_HOST:PORT. Then start that node with
-    --cluster listing every member, itself included."""
-    try:
-        (parsed,) = parse_cluster(member)
-    except (ConfigError, ValueError) as error:
-        raise click.BadParameter(f"{member!r}: expected ID=CLIENT/RAFT ({error})") from error
-    request = pb.AddMemberRequest(
-        node_id=parsed.node_id,
-        client_address=parsed.client_address,
-        raft_address=parsed.raft_address,
-    )
-    response = _call_leader("AddMember", request, endpoints, options)
-    click.echo(f"added {parsed.node_id}")
-    _echo_members(response)
-
-
-@members.command("remove")
-@_members_options
-@click.argument("node_id")
-def members_remove(node_id: str, endpoints: str, **options: Any) -> None:
-    """Remove member NODE_ID (not the current leader: stop it first, then remove it)."""
-    response = _call_leader(
-        "RemoveMember", pb.RemoveMemberRequest(node_id=node_id), endpoints, options
-    )
-    click.echo(f"removed {node_id}")
-    _echo_members(response)
-
+main.add_command(status)
+main.add_command(members)
 
 if __name__ == "__main__":
     try:

@@ -4,7 +4,7 @@ The rule. Cluster time is what the state machine stores (`m:clock`, the largest 
 so it never runs backwards on any replica). Each node keeps an estimate of it: the latest
 cluster time it has seen, advanced by this node's *monotonic* clock since it saw it. It sees
 cluster time in every entry it applies and in every append-entries message of the leader,
-heartbeats included (replication.py), so a follower's estimate is the leader's even while
+heartbeats included (raft/node.py), so a follower's estimate is the leader's even while
 nothing is written, and a node that caught up on old entries resumes from the present, not
 from its last entry's stamp. A leader stamps its estimate. So a leader advances cluster time
 by the real time that passed on it, whatever its wall clock says: a node whose wall clock is

@@ -37,14 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from chasqui_node import limits
+
 logger = logging.getLogger(__name__)
 
 _HEADER = struct.Struct(">IIQQ")  # length, crc32, index, term
 _CRC_PART = struct.Struct(">QQ")
-SEGMENT_BYTES_MAX = 64 * 1024 * 1024  # roll to a new segment past this; old ones are deleted whole
-RECORD_BYTES_MAX = 64 * 1024 * 1024  # a larger length field can only be corruption
-CACHE_ENTRIES = 1024  # newest entries kept in RAM...
-CACHE_BYTES_MAX = 32 * 1024 * 1024  # ...within this many bytes (entries of big batches are MBs)
 
 Entry = tuple[bytes, int, int]  # (command, index, term), the shape pysyncobj uses
 
@@ -75,7 +73,7 @@ def _valid_record_after(data: bytes, start: int, expected: int) -> bool:
                 continue
             length, crc, _index, _term = _HEADER.unpack_from(data, header_at)
             end = header_at + 8 + length
-            fits = _CRC_PART.size <= length <= RECORD_BYTES_MAX and end <= len(data)
+            fits = _CRC_PART.size <= length <= limits.JOURNAL_RECORD_BYTES_MAX and end <= len(data)
             if fits and zlib.crc32(data[header_at + 8 : end]) == crc:
                 return True
     return False
@@ -217,7 +215,7 @@ class Journal:
             else:
                 length, crc, index, term = _HEADER.unpack_from(data, offset)
                 end = offset + 8 + length
-                if length < _CRC_PART.size or length > RECORD_BYTES_MAX:
+                if length < _CRC_PART.size or length > limits.JOURNAL_RECORD_BYTES_MAX:
                     problem = f"record length {length} is impossible"
                 elif end > len(data):
                     problem = "a record is cut short"
@@ -303,8 +301,8 @@ class Journal:
         self._forget(index)
         self._cache[index] = command
         self._cache_bytes += len(command)
-        while len(self._cache) > CACHE_ENTRIES or (
-            self._cache_bytes > CACHE_BYTES_MAX and len(self._cache) > 1
+        while len(self._cache) > limits.JOURNAL_CACHE_ENTRIES_MAX or (
+            self._cache_bytes > limits.JOURNAL_CACHE_BYTES_MAX and len(self._cache) > 1
         ):
             _oldest, dropped = self._cache.popitem(last=False)
             self._cache_bytes -= len(dropped)
@@ -322,7 +320,7 @@ class Journal:
             expected = self.index_at(len(self._locations))
             if index != expected:
                 raise ValueError(f"append of index {index}, expected {expected}")
-        if self._tail_file is None or self._tail_size >= SEGMENT_BYTES_MAX:
+        if self._tail_file is None or self._tail_size >= limits.JOURNAL_SEGMENT_BYTES_MAX:
             self._start_segment(index)
         assert self._tail_file is not None
         body = _CRC_PART.pack(index, term) + command

@@ -62,6 +62,23 @@ RAFT_SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 PROPOSAL_TIMEOUT_S_DEFAULT = 5.0  # longest wait for a proposal to commit before ABORTED
 PROPOSALS_IN_FLIGHT_MAX = 10_000  # queued proposals on the leader before RESOURCE_EXHAUSTED
 
+# Replication (replication.py and raft/). Raft entries proposed and not yet applied: while
+# this many are in flight, further proposals wait and pile up into bigger entries (group commit).
+ENTRIES_IN_FLIGHT_MAX = 16
+# An in-flight entry with no callback after this many seconds stops counting towards
+# ENTRIES_IN_FLIGHT_MAX: pysyncobj calls back every entry it accepted, but a lost callback must
+# not stall proposing for good. Twice PROPOSAL_TIMEOUT_S_DEFAULT: its callers gave up by then.
+ENTRY_FORGOTTEN_S = 10.0
+# A stopping node lets the snapshot being written finish for up to this long (1.9 s for an
+# 850 MB state measured): a half-written one is discarded, and the log it would trim is kept.
+SNAPSHOT_WRITE_WAIT_S = 60.0
+# After a failed snapshot write (a full disk), seconds before the next attempt: one error line
+# per pause, not one per tick.
+SNAPSHOT_RETRY_S = 5.0
+# pysyncobj's getStatus() iterates its dicts while the tick thread may change them; a rare
+# "changed size during iteration" is retried this many times (1 ms apart), then reads as empty.
+RAFT_STATUS_READ_ATTEMPTS_MAX = 5
+
 KEY_BYTES = 24  # random bytes in a user key (192 bits, above the 128 required)
 # A configured admin key is checked too: 22 URL-safe characters carry 132 bits.
 ADMIN_KEY_CHARS_MIN = 22
@@ -108,7 +125,7 @@ ADDRESS_BYTES_MAX = 260  # host:port of a member; a DNS name is at most 253 byte
 MEMBER_RECORDS_MAX = 1000  # registry records (members and tombstones); a cluster has a handful
 MEMBERSHIP_CHANGE_TIMEOUT_S = 10.0  # wait for pysyncobj to commit one configuration change
 
-# Raft transport (raft_transport.py): what a connection to the Raft port can make a node hold.
+# Raft transport (raft/transport.py): what a connection to the Raft port can make a node hold.
 # A connection is authenticated once a message on it carried the random key this node picked
 # for it (the cluster secret and a fresh key: a replayed handshake does not pass). Before that
 # its messages are the peer's random key (a Fernet token of 184 bytes from a Chasqui node,
@@ -134,3 +151,64 @@ RAFT_REFUSALS_LOG_INTERVAL_S = 10.0  # one warning line per attack, not one per 
 assert 3 * PUBLISH_BATCH_BYTES_MAX // 2 <= RAFT_MESSAGE_BYTES_MAX // 2
 assert RAFT_HANDSHAKE_FRAME_BYTES_MAX < RAFT_FRAME_BYTES_MAX
 assert RAFT_UNAUTHENTICATED_CONNECTIONS_MAX > 2 * RAFT_ACCEPTS_PER_EVENT_MAX
+
+# Waits on behalf of a client's call (deadlines.py): a proposal's wait ends this long before
+# the call's deadline, so the client gets our answer (a result, or ABORTED) rather than
+# DEADLINE_EXCEEDED...
+CALL_ANSWER_MARGIN_S = 0.05
+# ...but lasts at least this, so a proposal made close to the deadline can still commit.
+CALL_WAIT_S_MIN = 0.05
+
+# Long-polls and streams (long_poll.py). A waiting consume holds a gRPC worker thread; these
+# bound how long it goes without looking at its call, at leadership and at the clock.
+STREAM_RECHECK_S = 1.0  # an idle stream re-checks leadership and its client this often
+# A long-poll waits for a change in slices of at most this, so a cancelled call frees its
+# thread within a second.
+LONG_POLL_WAIT_SLICE_S = 1.0
+# A long-poll answers (empty) this long before the call's deadline, so the client gets an
+# answer rather than DEADLINE_EXCEEDED.
+LONG_POLL_ANSWER_MARGIN_S = 0.2
+# The shortest wait for a lease or delay to end: a time already passed (by cluster time) still
+# waits this long, so the wait cannot turn into a busy loop.
+LONG_POLL_READY_WAIT_S_MIN = 0.01
+
+# The node's wiring (server.py).
+ADMIN_CHECK_S = 0.25  # how often a node looks whether it just became leader (admin key upkeep)
+HEALTH_CHECK_S = 0.5  # how often health is re-evaluated; balancers see a change this late at most
+# Committed-but-unapplied entries a SERVING node may trail by: a moment's backlog under load,
+# while a node further behind is still catching up and should not be sent clients yet.
+HEALTH_APPLY_LAG_MAX = 100
+SERVER_STOP_GRACE_S = 2.0  # at shutdown, calls in flight get this long to finish, then cancelled
+
+# The Raft log on disk (journal.py).
+# A new segment starts past this size; old segments are deleted whole, once all they hold is
+# in a snapshot.
+JOURNAL_SEGMENT_BYTES_MAX = 64 * 1024 * 1024
+JOURNAL_RECORD_BYTES_MAX = 64 * 1024 * 1024  # a larger length field can only be corruption
+JOURNAL_CACHE_ENTRIES_MAX = 1024  # newest entries kept in RAM, the ones Raft reads most...
+JOURNAL_CACHE_BYTES_MAX = 32 * 1024 * 1024  # ...within this many bytes (big batches' entries: MBs)
+
+# LMDB state and snapshots (storage.py).
+STORAGE_MAP_SIZE_BYTES_DEFAULT = 64 * 1024**3  # address space only; the file grows with the data
+STORAGE_READERS_MAX = 512  # concurrent read transactions: one per gRPC worker thread, and spare
+# How often, at most, the map's resident pages are dropped (after applies): keeps the node's
+# resident memory small without a madvise call per entry.
+STORAGE_MAP_RELEASE_INTERVAL_S = 1.0
+SNAPSHOT_COPY_CHUNK_BYTES = 1024 * 1024  # a snapshot is copied and hashed through this buffer
+
+# One /metrics scrape (metrics.py): it must stay cheap whatever the state holds. These bound only
+# what a scrape reads, never what the broker accepts.
+METRICS_QUEUE_SERIES_MAX = 1_000  # queues exported with their own series; beyond, depths skipped
+METRICS_QUEUE_SCAN_ROWS_MAX = 200_000  # store rows a scrape may read to list queues, then gives up
+METRICS_STOP_WAIT_S = 5.0  # closing waits this long for the HTTP thread, then leaves it (a daemon)
+
+# The command line (cli.py) and its dev cluster (tls.py).
+DEV_STOP_WAIT_S = 10.0  # `dev` stops its nodes with SIGTERM, then SIGKILL after this long
+DEV_WATCH_INTERVAL_S = 0.5  # `dev` looks this often whether a node exited, to stop the rest
+DEV_CERT_DAYS = 30  # long enough for a dev session, short enough to be useless if leaked
+STATUS_TIMEOUT_S_DEFAULT = 2.0  # `status`, per node: an unreachable node is reported, not awaited
+# `members add/remove`: the whole command, redirects included; above MEMBERSHIP_CHANGE_TIMEOUT_S
+# so the node's own wait for the change ends first and its answer arrives.
+MEMBERS_TIMEOUT_S_DEFAULT = 15.0
+MEMBERS_CALL_ATTEMPTS_MAX = 10  # endpoints tried (following leader hints) per membership change
+MEMBERS_RETRY_PAUSE_S = 0.3  # between attempts when no node names a leader

@@ -36,18 +36,14 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
+from chasqui_node import limits
 from chasqui_node.commands import QueueInfo
 from chasqui_node.replication import ReplicationStatus, Role
-from chasqui_node.state_machine import StateMachine, Store
+from chasqui_node.state import StateMachine, Store
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-# Bounds on one scrape's queue listing. They are here rather than in limits.py because they
-# bound only what this module reads, never what the broker accepts.
-QUEUE_SERIES_MAX = 1_000  # queues exported with their own series; beyond, depths are skipped
-QUEUE_SCAN_ROWS_MAX = 200_000  # store rows one scrape may read to list queues, then it gives up
 
 RPC_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 FSYNC_SECONDS_BUCKETS = (
@@ -192,8 +188,9 @@ class QueueDepthReader:
 
     `list_queues` answers only an authenticated caller, so the node reads as its configured
     admin (`reader_key_hash`, the hash the node already holds; nothing is proposed or logged).
-    Without one, depths are skipped. A listing that would exceed QUEUE_SCAN_ROWS_MAX rows or
-    QUEUE_SERIES_MAX queues is skipped too: a scrape must stay cheap whatever the state holds.
+    Without one, depths are skipped. A listing that would exceed
+    `limits.METRICS_QUEUE_SCAN_ROWS_MAX` rows or `limits.METRICS_QUEUE_SERIES_MAX` queues is
+    skipped too: a scrape must stay cheap whatever the state holds.
     """
 
     def __init__(
@@ -202,8 +199,8 @@ class QueueDepthReader:
         state_machine: StateMachine,
         reader_key_hash: str | None,
         *,
-        scan_rows_max: int = QUEUE_SCAN_ROWS_MAX,
-        queues_max: int = QUEUE_SERIES_MAX,
+        scan_rows_max: int = limits.METRICS_QUEUE_SCAN_ROWS_MAX,
+        queues_max: int = limits.METRICS_QUEUE_SERIES_MAX,
     ) -> None:
         self._replication = replication
         self._state_machine = state_machine
@@ -407,7 +404,7 @@ class MetricsHttpServer:
         """Stop answering and free the port. Idempotent."""
         self._server.shutdown()
         self._server.server_close()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=limits.METRICS_STOP_WAIT_S)
 
 
 def register_node_collector(

@@ -7,12 +7,12 @@ shuts down in the reverse order: report NOT_SERVING, stop taking calls, stop Raf
 
 Operability wiring: the client port also serves the standard `grpc.health.v1.Health` service
 (SERVING only while this node knows a leader and has applied what it knows committed; a
-`HealthReporter` thread re-evaluates that every HEALTH_CHECK_S) and gRPC server reflection for
-the Broker and Health services. With `metrics_port` set, a Prometheus `/metrics` endpoint
-serves this node's own registry (see metrics.py) on `metrics_bind`, by default the host the
-client port binds. It lists every queue's name and depth, so an operator who does not want it
-reachable from the clients' network binds it to 127.0.0.1 (or a private interface), or
-requires a bearer token (`metrics_token_hash`).
+`HealthReporter` thread re-evaluates that every `limits.HEALTH_CHECK_S`) and gRPC server
+reflection for the Broker and Health services. With `metrics_port` set, a Prometheus
+`/metrics` endpoint serves this node's own registry (see metrics.py) on `metrics_bind`, by
+default the host the client port binds. It lists every queue's name and depth, so an operator
+who does not want it reachable from the clients' network binds it to 127.0.0.1 (or a private
+interface), or requires a bearer token (`metrics_token_hash`).
 
 Security wiring: the client port speaks TLS when a certificate is configured (mutual TLS with a
 client CA); the Raft port always needs the cluster secret (see replication.py). A configured
@@ -34,9 +34,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import ProcessCollector
 
-from chasqui_node import limits
+from chasqui_node import limits, raft
 from chasqui_node.commands import EnsureAdmin, UserCreated
 from chasqui_node.errors import ChasquiError
+from chasqui_node.long_poll import ChangeBoard
 from chasqui_node.metrics import (
     MetricsHttpServer,
     NodeMetrics,
@@ -44,17 +45,14 @@ from chasqui_node.metrics import (
     register_node_collector,
 )
 from chasqui_node.replication import Member, RaftTimings, ReplicationStatus, Replicator
-from chasqui_node.service import BrokerService, ChangeBoard
-from chasqui_node.state_machine import StateMachine
+from chasqui_node.service import BrokerService
+from chasqui_node.state import StateMachine
 from chasqui_node.storage import Storage
 from chasqui_node.wire import add_broker_to_server, quiet_grpc_parse_failures
 from chasqui_proto import chasqui_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
-ADMIN_CHECK_S = 0.25  # how often a node looks whether it just became leader
-HEALTH_CHECK_S = 0.5  # how often the health status is re-evaluated
-HEALTH_APPLY_LAG_MAX = 100  # committed-but-unapplied entries a SERVING node may trail by
 BROKER_SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Broker"].full_name  # chasqui.v1.Broker
 
 
@@ -140,6 +138,9 @@ class NodeServer:
     """A running node: gRPC server, Raft replicator and LMDB storage."""
 
     def __init__(self, config: NodeConfig) -> None:
+        # The Raft layer's checks and its changes to pysyncobj, before anything is opened or
+        # built on them: raises raft.PysyncobjMismatch against another pysyncobj release.
+        raft.install()
         self.config = config
         member = config.member()
         credentials = server_credentials(config)  # before anything starts: fail fast
@@ -247,7 +248,7 @@ class NodeServer:
         """Each time this node becomes leader, propose `EnsureAdmin` once (retrying until it
         commits or leadership is lost). Idempotent, so every leader doing it is harmless."""
         ensured_while_leading = False
-        while not self._stopped.wait(ADMIN_CHECK_S):
+        while not self._stopped.wait(limits.ADMIN_CHECK_S):
             if not self.replicator.is_leader():
                 ensured_while_leading = False
                 continue
@@ -266,7 +267,7 @@ class NodeServer:
             elif isinstance(result, ChasquiError):
                 logger.warning("the configured admin key was not registered: %s", result.message)
 
-    def stop(self, grace_s: float = 2.0) -> None:
+    def stop(self, grace_s: float = limits.SERVER_STOP_GRACE_S) -> None:
         """Stop serving, stop Raft and close storage. Idempotent; any thread."""
         if self._stopped.is_set():
             return
@@ -286,7 +287,7 @@ class NodeServer:
         self._stopped.wait()
 
 
-def is_serving(status: ReplicationStatus, apply_lag_max: int = HEALTH_APPLY_LAG_MAX) -> bool:
+def is_serving(status: ReplicationStatus, apply_lag_max: int = limits.HEALTH_APPLY_LAG_MAX) -> bool:
     """SERVING means: this node knows a leader it can reach (see `leader_reachable`), sees a
     majority, and has applied everything it knows committed, give or take `apply_lag_max`
     entries, so what it reads is current and what it forwards or proposes can commit."""
@@ -323,8 +324,8 @@ class HealthReporter:
         servicer: health.HealthServicer,
         status: Callable[[], ReplicationStatus],
         *,
-        interval_s: float = HEALTH_CHECK_S,
-        apply_lag_max: int = HEALTH_APPLY_LAG_MAX,
+        interval_s: float = limits.HEALTH_CHECK_S,
+        apply_lag_max: int = limits.HEALTH_APPLY_LAG_MAX,
     ) -> None:
         self._servicer = servicer
         self._status = status

@@ -9,6 +9,10 @@ trailing metadata `chasqui-leader`.
 Reads (listings, whoami) run on the leader after a read barrier (an empty entry committed
 through Raft), so they see every write acknowledged before they started.
 
+The long-running parts live in their own modules, which this one calls: consumes that wait
+(Consume with a timeout, ConsumeStream) in long_poll.py, and the steps of a membership change
+(AddMember, RemoveMember) in membership.py. Here they are only translated and admitted.
+
 Security at this edge: keys arrive as `authorization: Bearer <key>` and are hashed at once (only
 the hash is replicated, and neither is logged); with signup closed, CreateUser needs an admin
 key; and each client connection may have at most `calls_in_flight_per_connection_max` calls in
@@ -22,19 +26,17 @@ import functools
 import hashlib
 import logging
 import secrets
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
-from chasqui_node import limits
+from chasqui_node import limits, validation
 from chasqui_node.admission import RateLimit, Slots
 from chasqui_node.commands import (
     AckBatch,
-    AddMember,
     Command,
     Consume,
     Created,
@@ -44,9 +46,7 @@ from chasqui_node.commands import (
     CreateUserAsAdmin,
     DeleteQueue,
     DeleteTopic,
-    Deliveries,
     Delivery,
-    Entry,
     Extend,
     Kind,
     Nack,
@@ -55,7 +55,6 @@ from chasqui_node.commands import (
     PublishBatch,
     Receipt,
     Receipts,
-    RemoveMember,
     Result,
     RevokeUser,
     SetAccess,
@@ -64,16 +63,13 @@ from chasqui_node.commands import (
     Subscribed,
     Unsubscribe,
     UserCreated,
-    check_name,
-    readies,
 )
-from chasqui_node.commands import Consume as ConsumeCommand  # the RPC method shadows the name
+from chasqui_node.deadlines import call_wait_s
 from chasqui_node.errors import (
     AlreadyExists,
     ChasquiError,
     FailedPrecondition,
     InvalidArgument,
-    LimitExceeded,
     NoLeader,
     NotFound,
     NotLeader,
@@ -84,9 +80,11 @@ from chasqui_node.errors import (
     Unauthenticated,
     Unavailable,
 )
+from chasqui_node.long_poll import ChangeBoard, LongPoll, LongPollReplication, consume_deadline
+from chasqui_node.membership import MembershipReplication, MembershipSteps
 from chasqui_node.metrics import NodeMetrics
-from chasqui_node.replication import AtCommit, Member, ReplicationStatus, Rider, await_results
-from chasqui_node.state_machine import StateMachine, Store
+from chasqui_node.replication import Member, ReplicationStatus
+from chasqui_node.state import StateMachine, Store
 from chasqui_node.wire import MalformedRequest, parsed
 from chasqui_proto import chasqui_pb2 as pb
 from chasqui_proto import chasqui_pb2_grpc as pb_grpc
@@ -96,7 +94,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 LEADER_METADATA_KEY = "chasqui-leader"
-STREAM_RECHECK_S = 1.0  # an idle stream re-checks leadership and its client this often
 
 # One table from domain error to status, checked in order (InvalidName and LimitExceeded are
 # InvalidArguments; NotLeader and NoLeader carry their own messages).
@@ -128,35 +125,14 @@ _OVERFLOW_FROM_PB: dict[int, Overflow] = {
 }
 
 
-class Replication(Protocol):
-    """What the service needs from replication; `Replicator` and the tests' fake provide it."""
-
-    node_id: str
-    members: tuple[Member, ...]  # every member this node knows, itself included
-
-    def propose_many(
-        self, commands: Sequence[Command], timeout_s: float, at_commit: AtCommit | None = None
-    ) -> list[Result]: ...
-
-    def ride(
-        self, key: tuple[Kind, str], commands: Sequence[Command], at_commit: AtCommit | None = None
-    ) -> Rider: ...
-
-    def withdraw(self, rider: Rider) -> bool: ...
-
-    def check_leader(self) -> None: ...
-
-    def cluster_time_ms(self) -> int: ...
+class Replication(LongPollReplication, MembershipReplication, Protocol):
+    """What the service needs from replication: what long-polls and membership changes need
+    (proposals, riders, the member list), its status and local reads. `Replicator` and the
+    tests' fake provide it."""
 
     def status(self) -> ReplicationStatus: ...
 
     def read(self, query: Callable[[Store], T]) -> T: ...
-
-    def member(self, node_id: str) -> Member | None: ...
-
-    def add_member(self, member: Member, timeout_s: float) -> None: ...
-
-    def remove_member(self, member: Member, timeout_s: float) -> None: ...
 
 
 def hash_key(key: str) -> str:
@@ -165,115 +141,11 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def _check_at_most(what: str, value: int, limit_name: str, limit: int, unit: str = "") -> None:
-    if value > limit:
-        raise LimitExceeded(what, value, limit_name, limit, unit)
-
-
-def _check_user_id(what: str, user_id: str) -> None:
-    if not user_id:
-        raise InvalidArgument(f"{what} is empty; give a user id such as u1")
-    _check_at_most(
-        what, len(user_id.encode()), "user_id_bytes_max", limits.USER_ID_BYTES_MAX, "bytes"
-    )
-
-
 def _kind(value: int) -> Kind:
     kind = _KIND_FROM_PB.get(value)
     if kind is None:
         raise InvalidArgument(f"kind {value} is not TOPIC (1) or QUEUE (2)")
     return kind
-
-
-class ChangeBoard:
-    """Wakes long-polling consumers when a queue or topic may have something for them.
-
-    Fed from the apply path (any command that can make a message ready: publish, nack);
-    waiters pass the version they saw before looking, so a change in between is not missed.
-    """
-
-    def __init__(self) -> None:
-        self._condition = threading.Condition()
-        self._versions: dict[tuple[Kind, str], int] = {}
-        self.closed = False
-
-    def version(self, kind: Kind, name: str) -> int:
-        with self._condition:
-            return self._versions.get((kind, name), 0)
-
-    def wait(self, kind: Kind, name: str, seen: int, timeout_s: float) -> None:
-        """Return when the version moves past `seen`, the board closes, or time is up."""
-        deadline = time.monotonic() + timeout_s
-        with self._condition:
-            while self._versions.get((kind, name), 0) == seen and not self.closed:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return
-                self._condition.wait(remaining)
-
-    def close(self) -> None:
-        """Wake every waiter for good: the node is shutting down."""
-        with self._condition:
-            self.closed = True
-            self._condition.notify_all()
-
-    def on_applied(self, entry: Entry, results: list[Result]) -> None:
-        touched = {
-            key
-            for command, result in zip(entry.commands, results, strict=True)
-            if (key := readies(command)) is not None and not isinstance(result, ChasquiError)
-        }
-        if not touched:
-            return
-        with self._condition:
-            for key in touched:
-                self._versions[key] = self._versions.get(key, 0) + 1
-            self._condition.notify_all()
-
-
-class _Quiet(NamedTuple):
-    """What a consume found when nothing more was ready for its consumer: the change board's
-    version for its queue or topic right after that consume applied, and when a lease or delay
-    ends there (`Deliveries.next_ready_ms`, 0 for none). Until the version moves or that time
-    comes, another consume would find nothing: the consumer waits for a publish to ride."""
-
-    version: int
-    next_ready_ms: int
-
-    def stale(self, board: ChangeBoard, key: tuple[Kind, str], now_ms: int) -> bool:
-        """`now_ms` is cluster time (`Replication.cluster_time_ms`), the clock leases use."""
-        lease_ended = 0 < self.next_ready_ms <= now_ms
-        return lease_ended or board.version(*key) != self.version
-
-
-class _Credit:
-    """Deliveries a streaming consumer may still receive: granted by the client, spent by the
-    server, capped at limits.STREAM_CREDIT_MAX so a client cannot make the server lease more
-    than it could ever hold."""
-
-    def __init__(self) -> None:
-        self._condition = threading.Condition()
-        self._available = 0
-        self.closed = False
-
-    def grant(self, count: int) -> None:
-        with self._condition:
-            self._available = min(self._available + count, limits.STREAM_CREDIT_MAX)
-            self._condition.notify_all()
-
-    def spend(self, count: int) -> None:
-        with self._condition:
-            self._available = max(0, self._available - count)
-
-    def close(self) -> None:
-        with self._condition:
-            self.closed = True
-            self._condition.notify_all()
-
-    def wait_available(self, timeout_s: float) -> int:
-        with self._condition:
-            self._condition.wait_for(lambda: self._available > 0 or self.closed, timeout_s)
-            return 0 if self.closed else self._available
 
 
 def _abort_internal(context: grpc.ServicerContext, method_name: str) -> None:
@@ -317,8 +189,9 @@ def _rpc_stream(method: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[
 
 def _parsed_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
     """A stream's requests, each checked with `parsed`. A streaming method may read them on
-    another thread (ConsumeStream's credit reader), where an error only ends the reading; so
-    the refusal is also set as the call's status here, and the stream ends with it."""
+    another thread (ConsumeStream's credit reader, in long_poll.py), where an error only ends
+    the reading; so the refusal is also set as the call's status here, and the stream ends
+    with it."""
     for request in requests:
         if isinstance(request, MalformedRequest):
             error = request.error()
@@ -372,7 +245,8 @@ class BrokerService(pb_grpc.BrokerServicer):
         self.metrics = metrics if metrics is not None else NodeMetrics()
         self._replication = replication
         self._state_machine = state_machine
-        self._changes = change_board
+        self._long_poll = LongPoll(replication, change_board, proposal_timeout_s)
+        self._membership = MembershipSteps(replication, proposal_timeout_s)
         self._proposal_timeout_s = proposal_timeout_s
         self._signup_open = signup_open
         self.connection_slots = Slots(
@@ -423,12 +297,10 @@ class BrokerService(pb_grpc.BrokerServicer):
         raise Unauthenticated(missing)
 
     def _timeout_s(self, context: grpc.ServicerContext) -> float:
-        remaining: float | None = context.time_remaining()
-        if remaining is None:
-            return self._proposal_timeout_s
-        return max(0.05, min(self._proposal_timeout_s, remaining - 0.05))
+        return call_wait_s(context, self._proposal_timeout_s)
 
     def _propose(self, command: Command, context: grpc.ServicerContext) -> Result:
+        validation.check_request(command)  # a bad request never reaches the log
         result = self._replication.propose_many([command], self._timeout_s(context))[0]
         if isinstance(result, ChasquiError):
             raise result
@@ -480,7 +352,6 @@ class BrokerService(pb_grpc.BrokerServicer):
     @_rpc
     def RevokeUser(self, request: pb.RevokeUserRequest, context: grpc.ServicerContext) -> Any:
         key_hash = self._key_hash(context)
-        _check_user_id("user_id", request.user_id)
         self._propose(RevokeUser(key_hash=key_hash, user_id=request.user_id), context)
         return pb.RevokeUserResponse()
 
@@ -488,14 +359,6 @@ class BrokerService(pb_grpc.BrokerServicer):
     def SetAccess(self, request: pb.SetAccessRequest, context: grpc.ServicerContext) -> Any:
         key_hash = self._key_hash(context)
         kind = _kind(request.kind)
-        check_name(kind, request.name)
-        lists = (("publishers", request.publishers), ("consumers", request.consumers))
-        for what, user_ids in lists:
-            _check_at_most(
-                what, len(user_ids), "access_list_users_max", limits.ACCESS_LIST_USERS_MAX
-            )
-            for user_id in user_ids:
-                _check_user_id(f"{what} entry", user_id)
         command = SetAccess(
             key_hash=key_hash,
             kind=kind,
@@ -517,7 +380,6 @@ class BrokerService(pb_grpc.BrokerServicer):
     @_rpc
     def CreateTopic(self, request: pb.CreateTopicRequest, context: grpc.ServicerContext) -> Any:
         key_hash = self._key_hash(context)
-        check_name(Kind.TOPIC, request.name)
         result = self._propose(
             CreateTopic(
                 key_hash=key_hash,
@@ -534,7 +396,6 @@ class BrokerService(pb_grpc.BrokerServicer):
     @_rpc
     def DeleteTopic(self, request: pb.DeleteTopicRequest, context: grpc.ServicerContext) -> Any:
         key_hash = self._key_hash(context)
-        check_name(Kind.TOPIC, request.name)
         self._propose(DeleteTopic(key_hash=key_hash, name=request.name), context)
         return pb.DeleteTopicResponse()
 
@@ -563,27 +424,6 @@ class BrokerService(pb_grpc.BrokerServicer):
     @_rpc
     def CreateQueue(self, request: pb.CreateQueueRequest, context: grpc.ServicerContext) -> Any:
         key_hash = self._key_hash(context)
-        check_name(Kind.QUEUE, request.name)
-        if request.dead_letter_queue:
-            check_name(Kind.QUEUE, request.dead_letter_queue)
-            if request.dead_letter_queue == request.name:
-                raise InvalidArgument(f'queue "{request.name}" cannot be its own dead-letter queue')
-        _check_at_most(
-            "visibility timeout",
-            request.visibility_timeout_ms,
-            "visibility_timeout_ms_max",
-            limits.VISIBILITY_TIMEOUT_MS_MAX,
-        )
-        _check_at_most(
-            "max deliveries",
-            request.max_deliveries,
-            "max_deliveries_max",
-            limits.MAX_DELIVERIES_MAX,
-        )
-        _check_at_most("max length", request.max_length, "queue_depth_max", limits.QUEUE_DEPTH_MAX)
-        _check_at_most(
-            "message ttl", request.message_ttl_ms, "message_ttl_ms_max", limits.MESSAGE_TTL_MS_MAX
-        )
         overflow = _OVERFLOW_FROM_PB.get(request.overflow)
         if overflow is None:
             raise InvalidArgument(f"overflow {request.overflow} is not REJECT_PUBLISH or DROP_HEAD")
@@ -607,7 +447,6 @@ class BrokerService(pb_grpc.BrokerServicer):
     @_rpc
     def DeleteQueue(self, request: pb.DeleteQueueRequest, context: grpc.ServicerContext) -> Any:
         key_hash = self._key_hash(context)
-        check_name(Kind.QUEUE, request.name)
         self._propose(DeleteQueue(key_hash=key_hash, name=request.name), context)
         return pb.DeleteQueueResponse()
 
@@ -639,7 +478,6 @@ class BrokerService(pb_grpc.BrokerServicer):
     def Subscribe(self, request: pb.SubscribeRequest, context: grpc.ServicerContext) -> Any:
         key_hash = self._key_hash(context)
         kind = _kind(request.kind)
-        check_name(kind, request.name)
         start = _START_FROM_PB.get(request.start)
         if start is None:
             raise InvalidArgument(f"start {request.start} is not LATEST, EARLIEST or OFFSET")
@@ -656,28 +494,10 @@ class BrokerService(pb_grpc.BrokerServicer):
     def Unsubscribe(self, request: pb.UnsubscribeRequest, context: grpc.ServicerContext) -> Any:
         key_hash = self._key_hash(context)
         kind = _kind(request.kind)
-        check_name(kind, request.name)
         self._propose(Unsubscribe(key_hash=key_hash, kind=kind, name=request.name), context)
         return pb.UnsubscribeResponse()
 
     # -- messages ----------------------------------------------------------------------------
-
-    @staticmethod
-    def _check_message(kind: Kind, body: bytes, delay_ms: int) -> None:
-        _check_at_most("message", len(body), "message_bytes_max", limits.MESSAGE_BYTES_MAX, "bytes")
-        _check_at_most("delay_ms", delay_ms, "delay_ms_max", limits.DELAY_MS_MAX)
-        if delay_ms and kind is Kind.TOPIC:
-            raise InvalidArgument("delay_ms applies to queues only; topics deliver in order")
-
-    @staticmethod
-    def _check_producer(producer_id: str) -> None:
-        _check_at_most(
-            "producer id",
-            len(producer_id.encode()),
-            "producer_id_bytes_max",
-            limits.PRODUCER_ID_BYTES_MAX,
-            "bytes",
-        )
 
     @staticmethod
     def _receipt(result: Result) -> Any:
@@ -690,9 +510,6 @@ class BrokerService(pb_grpc.BrokerServicer):
     def Publish(self, request: pb.PublishRequest, context: grpc.ServicerContext) -> Any:
         key_hash = self._key_hash(context)
         kind = _kind(request.kind)
-        check_name(kind, request.name)
-        self._check_producer(request.producer_id)
-        self._check_message(kind, request.body, request.delay_ms)
         command = Publish(
             key_hash=key_hash,
             kind=kind,
@@ -708,27 +525,7 @@ class BrokerService(pb_grpc.BrokerServicer):
     def PublishBatch(self, request: pb.PublishBatchRequest, context: grpc.ServicerContext) -> Any:
         key_hash = self._key_hash(context)
         kind = _kind(request.kind)
-        check_name(kind, request.name)
-        self._check_producer(request.producer_id)
-        _check_at_most(
-            "batch",
-            len(request.items),
-            "publish_batch_messages_max",
-            limits.PUBLISH_BATCH_MESSAGES_MAX,
-            "messages",
-        )
         items = request.items
-        bodies = tuple(item.body for item in items)
-        delays_ms = tuple(item.delay_ms for item in items)
-        sizes = list(map(len, bodies))
-        if bodies and (max(sizes) > limits.MESSAGE_BYTES_MAX or any(delays_ms)):
-            # Delays, or a body too large: check item by item, naming the first offender (a
-            # check per item costs 2-3 us, a share of a batch's time on the leader).
-            for body, delay_ms in zip(bodies, delays_ms, strict=True):
-                self._check_message(kind, body, delay_ms)
-        _check_at_most(
-            "batch", sum(sizes), "publish_batch_bytes_max", limits.PUBLISH_BATCH_BYTES_MAX, "bytes"
-        )
         # One command, applied all or nothing: a refusal (unknown queue, queue full) leaves
         # nothing behind, and a retry of an accepted batch gets every receipt back.
         command = PublishBatch(
@@ -736,9 +533,9 @@ class BrokerService(pb_grpc.BrokerServicer):
             kind=kind,
             name=request.name,
             producer_id=request.producer_id,
-            bodies=bodies,
+            bodies=tuple(item.body for item in items),
             sequences=tuple(item.sequence for item in items),
-            delays_ms=delays_ms,
+            delays_ms=tuple(item.delay_ms for item in items),
         )
         result = self._propose(command, context)
         assert isinstance(result, Receipts)
@@ -753,127 +550,23 @@ class BrokerService(pb_grpc.BrokerServicer):
     def Consume(self, request: pb.ConsumeRequest, context: grpc.ServicerContext) -> Any:
         key_hash = self._key_hash(context)
         kind = _kind(request.kind)
-        check_name(kind, request.name)
-        max_messages = request.max_messages or 1
-        _check_at_most(
-            "max_messages", max_messages, "consume_messages_max", limits.CONSUME_MESSAGES_MAX
-        )
-        if not 0 <= request.timeout_s <= limits.CONSUME_WAIT_S_MAX:
-            raise InvalidArgument(
-                f"timeout_s {request.timeout_s} is outside 0..consume_wait_s_max "
-                f"{limits.CONSUME_WAIT_S_MAX}"
-            )
-        _check_at_most(
-            "visibility timeout",
-            request.visibility_timeout_ms,
-            "visibility_timeout_ms_max",
-            limits.VISIBILITY_TIMEOUT_MS_MAX,
-        )
         command = Consume(
             key_hash=key_hash,
             kind=kind,
             name=request.name,
-            max_messages=max_messages,
+            max_messages=request.max_messages or 1,
             visibility_timeout_ms=request.visibility_timeout_ms,
             next_offset=_next_offset(request),
         )
-        deadline = time.monotonic() + request.timeout_s
-        remaining = context.time_remaining()
-        if remaining is not None:
-            deadline = min(deadline, time.monotonic() + remaining - 0.2)
+        validation.check_request(command)
+        validation.check_consume_wait_s(request.timeout_s)
+        deadline = consume_deadline(request.timeout_s, context)
         if request.timeout_s <= 0:
-            result, _ = self._consume_until(command, deadline, context)
+            deliveries = self._long_poll.consume(command, deadline, context).deliveries
         else:
             with self.waiting_slots.hold(key_hash, "this key"):
-                result, _ = self._consume_until(command, deadline, context)
-        return _consume_response(result.deliveries)
-
-    def _consume_until(
-        self,
-        command: ConsumeCommand,
-        deadline: float,
-        context: grpc.ServicerContext,
-        quiet: _Quiet | None = None,
-    ) -> tuple[Deliveries, _Quiet | None]:
-        """Long-poll: propose the consume, and while nothing is ready wait for a publish or
-        nack on that name (or the time a lease or delay ends), until `deadline`. Returns what
-        it got, and whether that left nothing ready (`_Quiet`) for the caller's next call.
-
-        While waiting, the consume rides along with the next entry that publishes or nacks
-        there (`Replication.ride`), so a message published to an idle consumer reaches it in
-        the Raft round that commits it. Changes applied meanwhile (`ChangeBoard`) cover a
-        publish proposed before the rider was registered: then the consume is proposed again.
-        With `quiet` from the caller's last call (a stream after a delivery), the consume is
-        not proposed first: it rides at once, one entry less per delivery; it is still proposed
-        once `deadline` comes.
-        """
-        key = (command.kind, command.name)
-        if quiet is not None and quiet.stale(
-            self._changes, key, self._replication.cluster_time_ms()
-        ):
-            quiet = None
-        while True:
-            if quiet is None:
-                result, quiet = self._consume_now(command, context)
-                if result.deliveries or time.monotonic() >= deadline or not context.is_active():
-                    return result, quiet
-                if quiet is None:
-                    continue  # it dropped expired messages instead of delivering: look again
-            elif not context.is_active():
-                return Deliveries(()), quiet
-            elif time.monotonic() >= deadline:
-                # Look once per call all the same, for what the board does not show: the queue
-                # deleted, access revoked, a subscription moved back, or an entry clock (which
-                # set the lease deadlines) ahead of this node's wall clock.
-                quiet = None
-                continue
-            wake_at = deadline
-            if quiet.next_ready_ms:  # something leased or delayed becomes ready then
-                ready_in_s = max(
-                    0.01, (quiet.next_ready_ms - self._replication.cluster_time_ms()) / 1000
-                )
-                wake_at = min(wake_at, time.monotonic() + ready_in_s)
-            versions: list[int] = []
-            rider = self._replication.ride(key, [command], self._note_version(key, versions))
-            try:
-                # Wait in slices so a cancelled call frees its thread within a second.
-                while (
-                    context.is_active()
-                    and not self._changes.closed
-                    and self._changes.version(*key) == quiet.version
-                    and (slice_s := wake_at - time.monotonic()) > 0
-                ):
-                    self._changes.wait(*key, quiet.version, min(slice_s, 1.0))
-            finally:
-                joined = not self._replication.withdraw(rider)
-            if joined:
-                (ridden,) = await_results(rider.future, self._timeout_s(context))
-                if isinstance(ridden, ChasquiError):
-                    raise ridden
-                assert isinstance(ridden, Deliveries)
-                if ridden.deliveries:
-                    return ridden, _quiet_after(ridden, versions)
-            if self._changes.closed:
-                raise Unavailable("the node is shutting down; retry on another node")
-            self._replication.check_leader()
-            if joined or quiet.stale(self._changes, key, self._replication.cluster_time_ms()):
-                quiet = None  # others took what that publish brought, or something changed
-
-    def _consume_now(
-        self, command: ConsumeCommand, context: grpc.ServicerContext
-    ) -> tuple[Deliveries, _Quiet | None]:
-        key = (command.kind, command.name)
-        versions: list[int] = []
-        at_commit = self._note_version(key, versions)
-        (result,) = self._replication.propose_many([command], self._timeout_s(context), at_commit)
-        if isinstance(result, ChasquiError):
-            raise result
-        assert isinstance(result, Deliveries)
-        return result, _quiet_after(result, versions)
-
-    def _note_version(self, key: tuple[Kind, str], versions: list[int]) -> AtCommit:
-        """An `AtCommit` that notes the change board's version of `key` in `versions`."""
-        return lambda: versions.append(self._changes.version(*key))
+                deliveries = self._long_poll.consume(command, deadline, context).deliveries
+        return _consume_response(deliveries)
 
     @_rpc_stream
     def ConsumeStream(
@@ -883,62 +576,19 @@ class BrokerService(pb_grpc.BrokerServicer):
         first = next(requests, None)
         if first is None:
             return
-        kind = _kind(first.kind)
-        check_name(kind, first.name)
-        _check_at_most(
-            "visibility timeout",
-            first.visibility_timeout_ms,
-            "visibility_timeout_ms_max",
-            limits.VISIBILITY_TIMEOUT_MS_MAX,
+        command = Consume(
+            key_hash=key_hash,
+            kind=_kind(first.kind),
+            name=first.name,
+            max_messages=limits.CONSUME_MESSAGES_MAX,  # and no more than the credit
+            visibility_timeout_ms=first.visibility_timeout_ms,
+            next_offset=_next_offset(first),
         )
+        validation.check_request(command)
         with self.waiting_slots.hold(key_hash, "this key"):
-            yield from self._stream(key_hash, kind, first, requests, context)
-
-    def _stream(
-        self,
-        key_hash: str,
-        kind: Kind,
-        first: pb.ConsumeStreamRequest,
-        requests: Iterator[pb.ConsumeStreamRequest],
-        context: grpc.ServicerContext,
-    ) -> Iterator[pb.ConsumeResponse]:
-        """ConsumeStream once admitted: push deliveries as the client grants credit."""
-        credit = _Credit()
-        credit.grant(first.credit)
-
-        def read_grants() -> None:
-            # A client that half-closes its side still wants what it was granted; the stream
-            # ends when the call does (cancelled, deadline, or the client went away).
-            try:
-                for request in requests:
-                    credit.grant(request.credit)
-            except Exception:
-                credit.close()
-
-        threading.Thread(target=read_grants, name="chasqui-stream-credit", daemon=True).start()
-        next_offset = _next_offset(first)
-        quiet: _Quiet | None = None
-        while context.is_active() and not credit.closed:
-            available = credit.wait_available(STREAM_RECHECK_S)
-            if not available:
-                self._replication.check_leader()
-                continue
-            command = Consume(
-                key_hash=key_hash,
-                kind=kind,
-                name=first.name,
-                max_messages=min(available, limits.CONSUME_MESSAGES_MAX),
-                visibility_timeout_ms=first.visibility_timeout_ms,
-                next_offset=next_offset,
-            )
-            result, quiet = self._consume_until(
-                command, time.monotonic() + STREAM_RECHECK_S, context, quiet
-            )
-            if result.deliveries:
-                if kind is Kind.TOPIC:  # what this stream pushed, the client has received
-                    next_offset = result.deliveries[-1].sequence + 1
-                credit.spend(len(result.deliveries))
-                yield _consume_response(result.deliveries)
+            grants = (request.credit for request in requests)
+            for deliveries in self._long_poll.stream(command, first.credit, grants, context):
+                yield _consume_response(deliveries)
 
     def _delivery_commands(
         self, key_hash: str, references: Sequence[Any], build: Callable[..., Command]
@@ -946,7 +596,6 @@ class BrokerService(pb_grpc.BrokerServicer):
         commands = []
         for reference in references:
             kind = _kind(reference.kind)
-            check_name(kind, reference.name)
             commands.append(
                 build(
                     key_hash=key_hash,
@@ -959,6 +608,8 @@ class BrokerService(pb_grpc.BrokerServicer):
         return commands
 
     def _propose_all(self, commands: list[Command], context: grpc.ServicerContext) -> None:
+        for command in commands:  # all checked before any is proposed
+            validation.check_request(command)
         for result in self._replication.propose_many(commands, self._timeout_s(context)):
             if isinstance(result, ChasquiError):
                 raise result
@@ -966,7 +617,7 @@ class BrokerService(pb_grpc.BrokerServicer):
     @_rpc
     def Ack(self, request: pb.AckRequest, context: grpc.ServicerContext) -> Any:
         key_hash = self._key_hash(context)
-        _check_at_most("ack batch", len(request.deliveries), "ack_batch_max", limits.ACK_BATCH_MAX)
+        validation.check_ack_count(len(request.deliveries))  # the call's, across its groups
         # One AckBatch per queue or topic, in the order each first appears; within one, the
         # deliveries keep their order (topic acks are cumulative).
         groups: dict[tuple[int, str], tuple[list[int], list[int]]] = {}
@@ -979,7 +630,6 @@ class BrokerService(pb_grpc.BrokerServicer):
         commands: list[Command] = []
         for (kind_pb, name), (sequences, delivery_counts) in groups.items():
             kind = _kind(kind_pb)
-            check_name(kind, name)  # once per queue or topic, not per delivery
             commands.append(
                 AckBatch(key_hash, kind, name, tuple(sequences), tuple(delivery_counts))
             )
@@ -989,7 +639,6 @@ class BrokerService(pb_grpc.BrokerServicer):
     @_rpc
     def Nack(self, request: pb.NackRequest, context: grpc.ServicerContext) -> Any:
         key_hash = self._key_hash(context)
-        _check_at_most("delay_ms", request.delay_ms, "delay_ms_max", limits.DELAY_MS_MAX)
         delay_ms = request.delay_ms
         commands = self._delivery_commands(
             key_hash,
@@ -1002,12 +651,6 @@ class BrokerService(pb_grpc.BrokerServicer):
     @_rpc
     def Extend(self, request: pb.ExtendRequest, context: grpc.ServicerContext) -> Any:
         key_hash = self._key_hash(context)
-        _check_at_most(
-            "extend_ms",
-            request.extend_ms,
-            "visibility_timeout_ms_max",
-            limits.VISIBILITY_TIMEOUT_MS_MAX,
-        )
         extend_ms = request.extend_ms
         commands = self._delivery_commands(
             key_hash,
@@ -1061,70 +704,22 @@ class BrokerService(pb_grpc.BrokerServicer):
 
     @_rpc
     def AddMember(self, request: pb.AddMemberRequest, context: grpc.ServicerContext) -> Any:
-        # The registry command commits first: it checks the caller is an admin, and every node
-        # then knows the new member's client address before the new member can lead.
         key_hash = self._key_hash(context)
-        self._replication.check_leader()
         member = Member(request.node_id, request.client_address, request.raft_address)
-        known = self._replication.member(request.node_id)
-        if known is not None and known != member:
-            raise AlreadyExists("member", known.node_id)
-        if any(
-            m.raft_address == member.raft_address and m.node_id != member.node_id
-            for m in self._replication.members
-        ):
-            raise FailedPrecondition(
-                f"raft address {member.raft_address} belongs to another member"
-            )
-        self._propose(
-            AddMember(
-                key_hash=key_hash,
-                node_id=member.node_id,
-                client_address=member.client_address,
-                raft_address=member.raft_address,
-            ),
-            context,
-        )
-        self._replication.add_member(member, self._membership_timeout_s(context))
+        self._membership.add(key_hash, member, context)
         return pb.AddMemberResponse(members=self._members_pb())
 
     @_rpc
     def RemoveMember(self, request: pb.RemoveMemberRequest, context: grpc.ServicerContext) -> Any:
         key_hash = self._key_hash(context)
-        self._replication.check_leader()
-        member = self._replication.member(request.node_id)
-        if member is None:
-            raise NotFound(f"node {request.node_id!r} is not a member of this cluster")
-        if member.node_id == self._replication.node_id:
-            raise FailedPrecondition(
-                f"node {member.node_id} is the leader and cannot remove itself; stop it, wait "
-                "for a new leader, then remove it there"
-            )
-        self._propose(RemoveMember(key_hash=key_hash, node_id=member.node_id), context)
-        self._replication.remove_member(member, self._membership_timeout_s(context))
+        self._membership.remove(key_hash, request.node_id, context)
         return pb.RemoveMemberResponse(members=self._members_pb())
-
-    @staticmethod
-    def _membership_timeout_s(context: grpc.ServicerContext) -> float:
-        remaining: float | None = context.time_remaining()
-        if remaining is None:
-            return limits.MEMBERSHIP_CHANGE_TIMEOUT_S
-        return max(0.05, min(limits.MEMBERSHIP_CHANGE_TIMEOUT_S, remaining - 0.05))
-
-
-def _quiet_after(result: Deliveries, versions: list[int]) -> _Quiet | None:
-    """What a consume's result says for the next one (see `_Quiet`); `versions` holds the
-    change board's version noted when it applied."""
-    if result.more_ready or not versions:
-        return None
-    return _Quiet(versions[0], result.next_ready_ms)
 
 
 def _next_offset(request: Any) -> int:
     """The request's optional `next_offset`, or -1 when unset (see ConsumeRequest)."""
     if not request.HasField("next_offset"):
         return -1
-    _check_at_most("next_offset", request.next_offset, "offset_max", limits.OFFSET_MAX)
     value: int = request.next_offset
     return value
 

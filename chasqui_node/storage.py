@@ -52,6 +52,7 @@ from typing import Any, BinaryIO, TypeVar
 
 import lmdb
 
+from chasqui_node import limits
 from chasqui_node.journal import fsync_directory
 
 logger = logging.getLogger(__name__)
@@ -61,13 +62,9 @@ T = TypeVar("T")
 SNAPSHOT_MAGIC = b"CHQSNAP1"
 SNAPSHOT_FORMAT_VERSION = 1
 _APPLIED_INDEX_KEY = b"applied_index"
-_COPY_CHUNK_BYTES = 1024 * 1024
-MAP_SIZE_BYTES_DEFAULT = 64 * 1024**3  # address space only; the file grows with the data
-READERS_MAX = 512  # concurrent read transactions (gRPC worker threads)
 UNSYNCED_MARKER = "unsynced-boot"
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 BOOT_ID_ENV = "CHASQUI_BOOT_ID"  # test hook: stands in for the boot id (the power-loss test)
-MAP_RELEASE_INTERVAL_S = 1.0  # how often, at most, the map's resident pages are dropped
 _MADV_DONTNEED = 4  # Linux <sys/mman.h>
 
 
@@ -214,12 +211,12 @@ class _MapRelease:
         self._madvise = None
 
     def release(self, *, now: bool = False) -> None:
-        """Drop the mapped pages, unless done less than `MAP_RELEASE_INTERVAL_S` ago. Call it
-        only while the environment is open (under the storage lock)."""
+        """Drop the mapped pages, unless done less than `limits.STORAGE_MAP_RELEASE_INTERVAL_S`
+        ago. Call it only while the environment is open (under the storage lock)."""
         if self._madvise is None:
             return
         moment = time.monotonic()
-        if not now and moment - self._released_at < MAP_RELEASE_INTERVAL_S:
+        if not now and moment - self._released_at < limits.STORAGE_MAP_RELEASE_INTERVAL_S:
             return
         self._released_at = moment
         for start, length in self._ranges:
@@ -256,7 +253,11 @@ class Storage:
     """
 
     def __init__(
-        self, data_dir: Path, *, fsync: bool = True, map_size_bytes: int = MAP_SIZE_BYTES_DEFAULT
+        self,
+        data_dir: Path,
+        *,
+        fsync: bool = True,
+        map_size_bytes: int = limits.STORAGE_MAP_SIZE_BYTES_DEFAULT,
     ) -> None:
         self._data_dir = Path(data_dir)
         self._state_dir = self._data_dir / "state"
@@ -279,7 +280,7 @@ class Storage:
                 str(self._state_dir),
                 map_size=self._map_size_bytes,
                 max_dbs=4,
-                max_readers=READERS_MAX,
+                max_readers=limits.STORAGE_READERS_MAX,
                 # See the module docstring: fsynced per commit only without a boot id.
                 sync=self._fsync and self._boot_id is None,
                 metasync=False,
@@ -438,7 +439,7 @@ class Storage:
             source.seek(copy_offset)
             remaining = copy_bytes
             while remaining:
-                chunk = source.read(min(_COPY_CHUNK_BYTES, remaining))
+                chunk = source.read(min(limits.SNAPSHOT_COPY_CHUNK_BYTES, remaining))
                 if not chunk:
                     raise SnapshotCorrupt(path, "state copy ends early")
                 target.write(chunk)
@@ -556,7 +557,7 @@ def _sha256_of_file(path: str, length: int) -> bytes:
     with open(path, "rb") as source:
         remaining = length
         while remaining:
-            chunk = source.read(min(_COPY_CHUNK_BYTES, remaining))
+            chunk = source.read(min(limits.SNAPSHOT_COPY_CHUNK_BYTES, remaining))
             if not chunk:
                 break
             digest.update(chunk)

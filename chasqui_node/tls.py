@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-DEV_CERT_DAYS = 30  # long enough for a dev session, short enough to be useless if leaked
+from chasqui_node import limits
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 def _validity(builder: x509.CertificateBuilder) -> x509.CertificateBuilder:
     now = datetime.datetime.now(datetime.UTC)
     return builder.not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(
-        now + datetime.timedelta(days=DEV_CERT_DAYS)
+        now + datetime.timedelta(days=limits.DEV_CERT_DAYS)
     )
 
 

@@ -45,7 +45,7 @@ from chasqui_node.commands import (
     StartPosition,
     Subscribe,
 )
-from chasqui_node.state_machine import MemoryStore, StateMachine
+from chasqui_node.state import MemoryStore, StateMachine
 from chasqui_node.storage import Storage
 
 pytestmark = [pytest.mark.bench, pytest.mark.timeout(1800)]

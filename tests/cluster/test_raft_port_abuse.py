@@ -1,4 +1,4 @@
-"""A stranger on the Raft port, against real node processes (raft_transport.py).
+"""A stranger on the Raft port, against real node processes (raft/transport.py).
 
 Each attack runs from threads of this test process against a node's Raft port on 127.0.0.1,
 for a fixed time and a bounded number of connections, and every socket is closed in `finally`.
@@ -14,7 +14,7 @@ the follower's memory does not keep them; (c) while hundreds of unauthenticated 
 churn against every node, a restarted follower rejoins and catches up, and no node holds more
 than the allowed number of strangers' sockets.
 
-Measured against pysyncobj's own transport (this file run on the tree before raft_transport.py):
+Measured against pysyncobj's own transport (this file run on the tree before raft/transport.py):
 see `test_*` docstrings for the figures.
 """
 
@@ -168,7 +168,7 @@ class Flood:
 def test_a_flood_on_the_leaders_raft_port_deposes_no_one_and_costs_little_memory(
     cluster: Cluster, claimed_bytes: int
 ) -> None:
-    """Before raft_transport.py, with either claim: 150 MiB went down one connection, the
+    """Before raft/transport.py, with either claim: 150 MiB went down one connection, the
     leader's RSS rose by 236-252 MB and a new term began within the flood. Now each
     connection is dropped after about a kilobyte: +0-1 MB, the same term."""
     client = cluster.client(call_timeout_s=30)
@@ -217,7 +217,7 @@ def _sockets() -> Iterator[list[socket.socket]]:
 def test_quiet_connections_are_dropped_in_time_and_their_bytes_not_kept(
     cluster: Cluster,
 ) -> None:
-    """Before raft_transport.py: not one was dropped within 13 s (the idle timeout is checked
+    """Before raft/transport.py: not one was dropped within 13 s (the idle timeout is checked
     only when bytes arrive) and the follower's RSS went from 66 to 285 MB. Now the garbage
     senders go at once, the stallers at the handshake deadline; RSS +0 MB."""
     follower = cluster.nodes[cluster.followers()[0]]
@@ -301,7 +301,7 @@ class Churn:
 def test_a_restarted_follower_rejoins_while_strangers_churn_on_every_raft_port(
     cluster: Cluster,
 ) -> None:
-    """Before raft_transport.py: every node kept every stranger's connection (17 -> 317 open
+    """Before raft/transport.py: every node kept every stranger's connection (17 -> 317 open
     descriptors), and accepting one per poll round from a backlog of 5 let the strangers
     open only about 500 connections per node in 30 s. Now a node holds at most 64 of them
     (+65 descriptors) and the follower rejoins within 0.5-1.6 s."""

@@ -234,7 +234,9 @@ def run_fault(
             raft_lines = [
                 line
                 for line in text.splitlines()
-                if "chasqui_node.replication" in line or "snapshot" in line
+                if "chasqui_node.replication" in line
+                or "chasqui_node.raft" in line
+                or "snapshot" in line
             ]
             print("\n".join([f"{node_id} Raft log lines:", *raft_lines[-60:]]))
     for node_id, full_text in cluster.logs().items():

@@ -20,8 +20,10 @@ import grpc
 import pytest
 
 from chasqui_node import limits
-from chasqui_node.commands import Command, Entry, Kind, Result, decode_entry, encode_for_raft
+from chasqui_node.commands import Command, Entry, Kind, Result
+from chasqui_node.entries import decode_entry, encode_for_raft
 from chasqui_node.errors import NoLeader, NotLeader
+from chasqui_node.long_poll import ChangeBoard
 from chasqui_node.replication import (
     AtCommit,
     Member,
@@ -30,8 +32,8 @@ from chasqui_node.replication import (
     RiderBoard,
     Role,
 )
-from chasqui_node.service import BrokerService, ChangeBoard
-from chasqui_node.state_machine import MemoryStore, StateMachine, Store
+from chasqui_node.service import BrokerService
+from chasqui_node.state import MemoryStore, StateMachine, Store
 from chasqui_node.wire import add_broker_to_server
 from chasqui_proto import chasqui_pb2 as pb
 from chasqui_proto import chasqui_pb2_grpc as pb_grpc

@@ -21,6 +21,7 @@ import pytest
 from chasqui_client import Client, Message, errors, limits
 from chasqui_client.models import Kind
 from chasqui_node.replication import Member
+from tests.harness import wait_until
 from tests.service.conftest import Broker
 
 pytestmark = pytest.mark.timeout(60)
@@ -106,12 +107,10 @@ def test_iterator_long_polls_and_ends_cleanly_on_close(broker: Broker) -> None:
 
     worker = threading.Thread(target=consume, daemon=True)
     worker.start()
-    time.sleep(0.3)
+    wait_until(lambda: broker.replication.rides >= 1, 5, "the iterator to wait in its long-poll")
     publisher = Client([f"127.0.0.1:{broker.port}"], key=client.key)
     publisher.publish_queue("jobs", b"late")
-    deadline = time.monotonic() + 5
-    while not received and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: received, 5, "the long-poll to hand out the late message")
     assert received == [b"late"]  # the long-poll woke up on the publish
     assert acked.wait(5)  # close while the iterator is back in its long-poll, not mid-ack
     started = time.monotonic()
@@ -142,12 +141,14 @@ def test_stream_holds_at_most_window_unacked_and_each_ack_lets_one_more_in(
 
         puller = threading.Thread(target=pull, daemon=True)
         puller.start()
-        time.sleep(1.0)
+        wait_until(lambda: len(received) >= 5, 10, "the first window of 5 deliveries")
+        time.sleep(1.0)  # no sixth may arrive meanwhile: nothing was acked
         assert len(received) == 5
         assert stream.unacked == 5
         client.ack(received[:2])
         client.ack(received[0])  # acking twice grants nothing more
-        time.sleep(1.0)
+        wait_until(lambda: len(received) >= 7, 10, "2 more deliveries after 2 acks")
+        time.sleep(1.0)  # and no eighth meanwhile
         assert len(received) == 7
         for message in list(received[2:]):
             client.ack(message)
@@ -262,10 +263,12 @@ def test_publisher_sends_the_next_batch_while_a_callback_runs(client: Client) ->
         first_receipt = first.result(timeout=10)  # set just before its callback runs
         second = publisher.publish(b"second")
         stored: list[bytes] = []
-        deadline = time.monotonic() + 10
-        while b"second" not in stored and time.monotonic() < deadline:
-            stored += drain(client, "jobs")
-            time.sleep(0.01)
+
+        def second_stored() -> bool:
+            stored.extend(drain(client, "jobs"))
+            return b"second" in stored
+
+        wait_until(second_stored, 10, "the second message to be stored", interval_s=0.01)
         assert stored == [b"first", b"second"]  # sent while the first callback still runs
         assert not second.done()  # its future waits its turn
         release.set()
@@ -407,7 +410,9 @@ def test_acker_overlaps_calls_only_for_a_large_backlog_of_acks(
         burst_from = time.monotonic()
         for message in messages[50:]:  # a burst
             acker.ack(message)
-        time.sleep(0.3)  # the senders take the burst before the flush at the end
+        wait_until(  # the senders take the burst before the flush at the end
+            lambda: sum(count for _, count, _ in list(calls)) == 600, 10, "the burst to be sent"
+        )
         flushing_from = time.monotonic()  # leaving the block flushes: small calls may overlap
     assert sum(count for _, count, _ in calls) == 600
     assert len(calls) < 50, f"{len(calls)} calls for 50 trickled acks and a burst"

@@ -6,14 +6,15 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import suppress
 
 import grpc
 import pytest
 
-from chasqui_node import service
+from chasqui_node import limits
 from chasqui_proto import chasqui_pb2 as pb
+from tests.harness import wait_until
 from tests.service.conftest import Broker
 from tests.service.support import Metadata, create_queue, publish
 
@@ -62,20 +63,13 @@ def test_stream_pushes_up_to_its_credit_and_more_after_a_grant(
     reader = threading.Thread(target=collect, args=(responses, received))
     reader.start()
     try:
-        deadline = threading.Event()
-        for _ in range(100):
-            if len(received) >= 3:
-                break
-            deadline.wait(0.05)
+        wait_until(lambda: len(received) >= 3, 5, "the 3 deliveries of the first credit")
         assert received == [b"m0", b"m1", b"m2"]
-        deadline.wait(0.5)  # no credit left: nothing more may arrive
+        time.sleep(0.5)  # no credit left: nothing more may arrive meanwhile
         assert len(received) == 3
         grants.grant(10)
         publish(broker.stub, user, "jobs", b"m5")  # pushed as soon as it is published
-        for _ in range(100):
-            if len(received) >= 6:
-                break
-            deadline.wait(0.05)
+        wait_until(lambda: len(received) >= 6, 5, "3 more deliveries after a grant of 10")
         assert received == [b"m0", b"m1", b"m2", b"m3", b"m4", b"m5"]
     finally:
         grants.close()
@@ -83,18 +77,11 @@ def test_stream_pushes_up_to_its_credit_and_more_after_a_grant(
         reader.join(timeout=10)
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.01)
-
-
 def test_a_stream_that_took_all_there_was_rides_the_next_publish_without_asking(
     broker: Broker, user: Metadata, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # No periodic re-check during the test: every consume in the log is the stream's choice.
-    monkeypatch.setattr(service, "STREAM_RECHECK_S", 60.0)
+    monkeypatch.setattr(limits, "STREAM_RECHECK_S", 60.0)
     create_queue(broker.stub, user, "jobs")
     grants = Grants("jobs", credit=100)
     responses = broker.stub.ConsumeStream(iter(grants), metadata=user, timeout=30)
@@ -104,9 +91,9 @@ def test_a_stream_that_took_all_there_was_rides_the_next_publish_without_asking(
     replication = broker.replication
     try:
         for number in range(3):
-            wait_until(lambda n=number: replication.rides == n + 1, "the stream waits to ride")
+            wait_until(lambda n=number: replication.rides == n + 1, 10, "the stream waits to ride")
             publish(broker.stub, user, "jobs", f"m{number}".encode())
-            wait_until(lambda n=number: len(received) == n + 1, "the message arrives")
+            wait_until(lambda n=number: len(received) == n + 1, 10, "the message arrives")
         assert received == [b"m0", b"m1", b"m2"]
         kinds = [[type(c).__name__ for c in entry.commands] for entry in replication.entries]
         consumes = [names for names in kinds if "Consume" in names]
@@ -135,9 +122,9 @@ def test_a_waiting_stream_delivers_again_what_it_was_given_once_the_lease_ends(
     reader.start()
     try:
         publish(broker.stub, user, "jobs", b"m")
-        wait_until(lambda: counts == [1], "the first delivery")
+        wait_until(lambda: counts == [1], 10, "the first delivery")
         broker.clock.advance(200)  # the lease ends; no publish follows to ride
-        wait_until(lambda: counts == [1, 2], "the second delivery")
+        wait_until(lambda: counts == [1, 2], 10, "the second delivery")
     finally:
         grants.close()
         responses.cancel()
@@ -162,11 +149,9 @@ def test_a_waiting_stream_ends_when_its_queue_is_deleted(broker: Broker, user: M
     reader = threading.Thread(target=read)
     reader.start()
     try:
-        wait_until(lambda: broker.replication.rides >= 1, "the stream waits to ride")
+        wait_until(lambda: broker.replication.rides >= 1, 10, "the stream waits to ride")
         broker.stub.DeleteQueue(pb.DeleteQueueRequest(name="jobs"), metadata=user, timeout=10)
-        wait_until(
-            lambda: bool(outcome), "the stream ends", timeout_s=10 * service.STREAM_RECHECK_S
-        )
+        wait_until(lambda: outcome, 10 * limits.STREAM_RECHECK_S, "the stream ends")
         assert outcome == [grpc.StatusCode.NOT_FOUND]
     finally:
         grants.close()

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from chasqui_proto import chasqui_pb2 as pb
+from tests.harness import wait_until
 from tests.service.conftest import Broker
 from tests.service.support import Metadata, consume, create_queue, create_topic, publish
 
@@ -69,10 +70,8 @@ def test_a_waiting_consume_rides_in_the_entry_of_the_next_publish(
         daemon=True,
     )
     waiter.start()
-    deadline = time.monotonic() + 5
-    while broker.replication.rides == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert broker.replication.rides == 1, "the consume never waited for a publish"
+    wait_until(lambda: broker.replication.rides >= 1, 5, "the consume to wait for a publish")
+    assert broker.replication.rides == 1, "the consume waited more than once"
     applied_before = len(broker.replication.entries)
     publish(broker.stub, user, "orders", b"now")
     waiter.join(timeout=5)

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -25,6 +24,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from chasqui_node.journal import Journal
+from chasqui_node.long_poll import ChangeBoard
 from chasqui_node.metrics import (
     MetricsHttpServer,
     NodeMetrics,
@@ -38,11 +38,12 @@ from chasqui_node.server import (
     add_health_and_reflection,
     is_serving,
 )
-from chasqui_node.service import BrokerService, ChangeBoard, hash_key
-from chasqui_node.state_machine import MemoryStore, StateMachine
+from chasqui_node.service import BrokerService, hash_key
+from chasqui_node.state import MemoryStore, StateMachine
 from chasqui_node.wire import add_broker_to_server
 from chasqui_proto import chasqui_pb2 as pb
 from chasqui_proto import chasqui_pb2_grpc as pb_grpc
+from tests.harness import wait_until
 from tests.service.conftest import NODE, FakeClock, FakeReplication
 from tests.service.support import Metadata, create_queue, publish, refusal
 
@@ -238,7 +239,7 @@ def test_a_consume_stream_counts_its_deliveries_and_its_end(node: Node) -> None:
         )
         return samples if ended == 1 else None
 
-    samples = _wait(stream_ended, "the stream to be counted")
+    samples = wait_until(stream_ended, 5, "the stream to be counted")
     assert value(samples, "chasqui_messages_consumed_total", kind="queue") == 2
 
 
@@ -390,12 +391,14 @@ def test_serving_needs_a_leader_and_an_applied_index_caught_up(
 
 def test_health_follows_leadership_and_ends_not_serving(node: Node) -> None:
     for service in ("", BROKER_SERVICE_NAME):
-        _wait(lambda service=service: node.health_of(service) == SERVING, f"{service!r} SERVING")
+        wait_until(
+            lambda service=service: node.health_of(service) == SERVING, 5, f"{service!r} SERVING"
+        )
     node.replication.become_follower(None)
-    _wait(lambda: node.health_of(BROKER_SERVICE_NAME) == NOT_SERVING, "NOT_SERVING")
+    wait_until(lambda: node.health_of(BROKER_SERVICE_NAME) == NOT_SERVING, 5, "NOT_SERVING")
     assert node.health_of("") == NOT_SERVING
     node.replication.become_leader()
-    _wait(lambda: node.health_of("") == SERVING, "SERVING again")
+    wait_until(lambda: node.health_of("") == SERVING, 5, "SERVING again")
     node.health.stop()
     assert node.health_of("") == NOT_SERVING
     assert node.health_of(BROKER_SERVICE_NAME) == NOT_SERVING
@@ -422,14 +425,3 @@ def test_reflection_lists_the_broker_and_health_services(node: Node) -> None:
     names = {service.name for service in listing.list_services_response.service}
     assert {BROKER_SERVICE_NAME, "grpc.health.v1.Health"} <= names
     assert file_answer.file_descriptor_response.file_descriptor_proto  # grpcurl can describe it
-
-
-def _wait(predicate: Callable[[], Any], what: str, timeout_s: float = 5.0) -> Any:
-    """Poll until `predicate` returns something truthy, and return it; bounded."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")

@@ -27,7 +27,7 @@ import pytest
 from click.testing import CliRunner
 from prometheus_client import CollectorRegistry, Counter
 
-from chasqui_node import cli
+from chasqui_node import cli, credentials
 from chasqui_node.metrics import MetricsHttpServer
 from chasqui_node.server import ConfigError, NodeConfig, NodeServer
 from chasqui_node.service import hash_key
@@ -160,7 +160,7 @@ def test_start_takes_metrics_bind_and_token_file_from_each_source(
         raise ConfigError("captured")  # start stops here, with a usage error
 
     monkeypatch.setattr(cli, "create_server", capture)
-    monkeypatch.setattr(cli, "_configure_logging", lambda *args, **kwargs: None)
+    monkeypatch.setattr(cli, "configure_logging", lambda *args, **kwargs: None)
     arguments = [
         "start", "--node-id", "n1", "--data-dir", str(tmp_path / "data"),
         "--cluster", "n1=127.0.0.1:7401/127.0.0.1:7501", "--cluster-secret", "s" * 32,
@@ -195,7 +195,7 @@ def test_start_leaves_metrics_bind_and_token_unset_by_default(
         raise ConfigError("captured")
 
     monkeypatch.setattr(cli, "create_server", capture)
-    monkeypatch.setattr(cli, "_configure_logging", lambda *args, **kwargs: None)
+    monkeypatch.setattr(cli, "configure_logging", lambda *args, **kwargs: None)
     arguments = [
         "start", "--node-id", "n1", "--data-dir", str(tmp_path / "data"),
         "--cluster", "n1=127.0.0.1:7401/127.0.0.1:7501", "--cluster-secret", "s" * 32,
@@ -210,6 +210,6 @@ def test_a_metrics_token_too_short_is_refused_without_showing_it(tmp_path: Path)
     token_file = tmp_path / "metrics-token"
     token_file.write_text("short-token\n")
     with pytest.raises(ConfigError) as refusal:
-        cli.metrics_token_hash(token_file)
+        credentials.metrics_token_hash(token_file)
     assert "short-token" not in str(refusal.value)
     assert "metrics token file" in str(refusal.value)

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from chasqui_node.cli import REDACTED, JsonLogFormatter, TextLogFormatter
+from chasqui_node.logs import REDACTED, JsonLogFormatter, TextLogFormatter
 
 SECRET = "cluster-secret-7b1f0c9d"
 

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from chasqui_node import limits
 from chasqui_node.commands import EnsureAdmin
 from chasqui_node.service import hash_key
-from chasqui_node.state_machine import MemoryStore
+from chasqui_node.state import MemoryStore
 from chasqui_proto import chasqui_pb2 as pb
 from chasqui_proto import chasqui_pb2_grpc as pb_grpc
 from tests.service.test_security_service import SecuredBroker, bearer, start_secured

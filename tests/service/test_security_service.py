@@ -23,8 +23,9 @@ import pytest
 
 from chasqui_node import limits
 from chasqui_node.commands import EnsureAdmin, UserCreated
-from chasqui_node.service import BrokerService, ChangeBoard, hash_key
-from chasqui_node.state_machine import MemoryStore, StateMachine
+from chasqui_node.long_poll import ChangeBoard
+from chasqui_node.service import BrokerService, hash_key
+from chasqui_node.state import MemoryStore, StateMachine
 from chasqui_node.wire import add_broker_to_server
 from chasqui_proto import chasqui_pb2 as pb
 from chasqui_proto import chasqui_pb2_grpc as pb_grpc

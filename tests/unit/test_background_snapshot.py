@@ -1,12 +1,12 @@
 """Snapshots written beside the tick thread: `Storage.snapshot_writer` and
-`replication._BackgroundSnapshot`, on real LMDB files.
+`raft.snapshots.BackgroundSnapshot`, on real LMDB files.
 
 They prove that:
 1. a snapshot holds the state as of `snapshot_writer`, whatever is applied while it is
    written, and installs on another node as exactly that state;
 2. the storage cannot be closed under a snapshot being written, and is free once it is
    written or discarded;
-3. `_BackgroundSnapshot` answers pysyncobj's checker as pysyncobj needs: SERIALIZING while a
+3. `BackgroundSnapshot` answers pysyncobj's checker as pysyncobj needs: SERIALIZING while a
    write runs, SUCCESS or FAILED exactly once, then NOT_SERIALIZING; a failed write leaves
    the previous snapshot in place and no partial file.
 """
@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 from pysyncobj import SERIALIZER_STATE
 
-from chasqui_node import replication
-from chasqui_node.replication import _BackgroundSnapshot
+from chasqui_node import limits
+from chasqui_node.raft.snapshots import BackgroundSnapshot
 from chasqui_node.storage import Storage, read_snapshot_header
 
 WAIT_S = 30.0
@@ -82,7 +82,7 @@ def test_close_waits_for_a_snapshot_being_written(tmp_path: Path, finish: str) -
 class _Node:
     storage: Storage
     target: Path  # the snapshot
-    snapshots: _BackgroundSnapshot
+    snapshots: BackgroundSnapshot
 
     def start(self) -> None:
         """What pysyncobj does at a log compaction (its own rename then finds no file)."""
@@ -96,7 +96,7 @@ def node(tmp_path: Path) -> Iterator[_Node]:
     target = tmp_path / "raft.snapshot"
     try:
         _apply(storage, 1, 10)
-        yield _Node(storage, target, _BackgroundSnapshot(storage, str(target), "n1"))
+        yield _Node(storage, target, BackgroundSnapshot(storage, str(target), "n1"))
     finally:
         storage.close()  # also proves every snapshot let go of the storage
 
@@ -112,7 +112,7 @@ def _fail_a_write(node: _Node) -> Path:
     return blocker
 
 
-def _answer_after_the_pause(snapshots: _BackgroundSnapshot) -> int:
+def _answer_after_the_pause(snapshots: BackgroundSnapshot) -> int:
     """Ask as pysyncobj does every tick until the answer is not SERIALIZING (bounded)."""
     deadline = time.monotonic() + WAIT_S
     while (answer := snapshots.progress()) == SERIALIZER_STATE.SERIALIZING:
@@ -148,7 +148,7 @@ def test_a_failed_write_reports_failure_once_and_keeps_the_old_snapshot(node: _N
 def test_after_a_failure_a_quiet_pause_then_the_next_attempt(
     node: _Node, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(replication, "SNAPSHOT_RETRY_S", 0.5)
+    monkeypatch.setattr(limits, "SNAPSHOT_RETRY_S", 0.5)
     blocker = _fail_a_write(node)
     errors = [record for record in caplog.records if record.levelname == "ERROR"]
     assert len(errors) == 1 and errors[0].exc_info is None
@@ -166,7 +166,7 @@ def test_after_a_failure_a_quiet_pause_then_the_next_attempt(
 
 
 def test_close_ends_the_pause_after_a_failure(node: _Node, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(replication, "SNAPSHOT_RETRY_S", 60.0)
+    monkeypatch.setattr(limits, "SNAPSHOT_RETRY_S", 60.0)
     _fail_a_write(node)
     node.start()
     # A snapshot from the leader waits only for a write, not for the pause (tick thread).
@@ -194,16 +194,16 @@ def test_a_stale_staging_file_never_replaces_the_snapshot(node: _Node) -> None:
 def test_a_partial_file_from_a_stopped_write_is_removed(node: _Node) -> None:
     partial = node.target.with_name(node.target.name + ".writing")
     partial.write_bytes(b"cut short")
-    _BackgroundSnapshot(node.storage, str(node.target), "n1")
+    BackgroundSnapshot(node.storage, str(node.target), "n1")
     assert not partial.exists()
 
 
 def test_a_snapshot_that_cannot_start_reports_failure_then_pauses(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(replication, "SNAPSHOT_RETRY_S", 60.0)
+    monkeypatch.setattr(limits, "SNAPSHOT_RETRY_S", 60.0)
     storage = Storage(tmp_path / "node")
-    snapshots = _BackgroundSnapshot(storage, str(tmp_path / "raft.snapshot"), "n1")
+    snapshots = BackgroundSnapshot(storage, str(tmp_path / "raft.snapshot"), "n1")
     storage.close()  # a closed environment cannot begin a transaction
     snapshots.start(str(tmp_path / "raft.snapshot.tmp"), ("entries",))
     assert snapshots.progress() == SERIALIZER_STATE.FAILED

@@ -27,7 +27,6 @@ from chasqui_node.commands import (
     Entry,
     Extend,
     Kind,
-    MalformedEntry,
     Nack,
     Overflow,
     Publish,
@@ -35,6 +34,9 @@ from chasqui_node.commands import (
     StartPosition,
     Subscribe,
     Unsubscribe,
+)
+from chasqui_node.entries import (
+    MalformedEntry,
     UnsupportedEntry,
     decode_command,
     decode_entry,

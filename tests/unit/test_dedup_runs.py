@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from chasqui_node import limits
 from chasqui_node.commands import Kind, Publish, PublishBatch, Receipt, Receipts
-from chasqui_node.state_machine import _dedup_prefix
+from chasqui_node.state.keys import dedup_prefix
 from tests.unit.test_publish_batch import batch, receipts
 from tests.unit.test_state_machine import ALICE, Broker, Q, T, keys_with_prefix
 
@@ -80,7 +80,7 @@ def test_sequences_far_apart_are_two_runs(broker: Broker) -> None:
 def test_a_record_from_before_runs_still_deduplicates_and_expires(broker: Broker) -> None:
     """A 16-byte record (position, expiry) written by an older node is a run of one."""
     incarnation = 1
-    key = _dedup_prefix(incarnation, "p1") + struct.pack(">Q", 42)
+    key = dedup_prefix(incarnation, "p1") + struct.pack(">Q", 42)
     expires = broker.now_ms + 1000
     broker.store.put(key, struct.pack(">QQ", 7, expires))
     broker.store.put(b"E" + struct.pack(">Q", expires) + key[1:], b"")

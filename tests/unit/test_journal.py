@@ -29,7 +29,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chasqui_node import journal as journal_module
+from chasqui_node import limits
 from chasqui_node.journal import Entry, Journal, JournalCorrupt
 
 HEADER = 24  # u32 length | u32 crc32 | u64 index | u64 term
@@ -68,7 +68,7 @@ def flip_byte(path: Path, offset: int) -> None:
 @pytest.fixture
 def small_segments(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
     """Roll segments after three 10-byte-command records (34 bytes each)."""
-    monkeypatch.setattr(journal_module, "SEGMENT_BYTES_MAX", 100)
+    monkeypatch.setattr(limits, "JOURNAL_SEGMENT_BYTES_MAX", 100)
     yield 3
 
 
@@ -543,7 +543,7 @@ def test_torn_tail_in_last_of_several_segments_is_cut(tmp_path: Path, small_segm
 def test_small_cache_does_not_change_results(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(journal_module, "CACHE_ENTRIES", 2)
+    monkeypatch.setattr(limits, "JOURNAL_CACHE_ENTRIES_MAX", 2)
     journal = Journal(tmp_path)
     written = fill(journal, 1, 10)
     assert len(journal._cache) <= 2
@@ -563,7 +563,7 @@ def test_cache_holds_at_most_its_bytes_and_keeps_the_newest(
 ) -> None:
     """Entries of big batches are megabytes: a count bound alone let 1,024 of them pin
     hundreds of MB on every node (seen with a 1M x 1 KiB backlog)."""
-    monkeypatch.setattr(journal_module, "CACHE_BYTES_MAX", 3000)
+    monkeypatch.setattr(limits, "JOURNAL_CACHE_BYTES_MAX", 3000)
     journal = Journal(tmp_path)
     commands = [bytes([index]) * 1000 for index in range(10)]
     for index, command in enumerate(commands, start=1):
@@ -585,7 +585,7 @@ def test_cache_holds_at_most_its_bytes_and_keeps_the_newest(
 def test_without_fsync_everything_still_works(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(journal_module, "SEGMENT_BYTES_MAX", 100)
+    monkeypatch.setattr(limits, "JOURNAL_SEGMENT_BYTES_MAX", 100)
     journal = Journal(tmp_path, fsync=False)
     journal.set_term(2, "me:1")
     written = fill(journal, 1, 10)
@@ -635,7 +635,7 @@ def test_random_operations_agree_with_a_list(
     model: list[Entry] = []
     next_index = first
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(journal_module, "SEGMENT_BYTES_MAX", segment_bytes)
+        patch.setattr(limits, "JOURNAL_SEGMENT_BYTES_MAX", segment_bytes)
         journal = Journal(directory)
         for operation in operations:
             kind = operation[0]

@@ -15,6 +15,8 @@ from chasqui_node.commands import (
     Entry,
     MemberRecord,
     RemoveMember,
+)
+from chasqui_node.entries import (
     decode_entry,
     encode_entry,
 )
@@ -25,7 +27,7 @@ from chasqui_node.errors import (
     InvalidArgument,
     PermissionDenied,
 )
-from chasqui_node.state_machine import MemoryStore, StateMachine
+from chasqui_node.state import MemoryStore, StateMachine
 
 ADMIN = "a" * 64
 USER = "b" * 64

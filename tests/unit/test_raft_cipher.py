@@ -1,4 +1,4 @@
-"""raft_cipher: AES-GCM agreed through pysyncobj's random keys, Fernet for everyone else.
+"""raft/cipher.py: AES-GCM agreed through pysyncobj's random keys, Fernet for everyone else.
 
 Two `_End`s stand for the two sides of one pysyncobj connection and go through its handshake
 as pysyncobj's transport does: the outgoing side sends its random key, the incoming side
@@ -14,7 +14,7 @@ import pytest
 from cryptography.fernet import Fernet, InvalidToken
 from pysyncobj.encryptor import getEncryptor
 
-from chasqui_node.raft_cipher import (
+from chasqui_node.raft.cipher import (
     FRAME_MAGIC,
     KEY_MARK,
     ClusterCipher,

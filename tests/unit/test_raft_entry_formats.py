@@ -1,7 +1,8 @@
 """The two entry formats through a real one-node Replicator (pysyncobj, journal, LMDB): the
 leader logs packed entries through `apply_packed` and falls back to text through `apply_entry`
 only for what the packed form cannot hold; both apply alike. The method numbers pysyncobj
-writes into every journal are pinned, and pysyncobj pickles bytes verbatim."""
+writes into every journal are pinned, and pysyncobj pickles bytes verbatim once the Raft
+layer is installed (`raft.install()`, as a node does at start-up)."""
 
 from __future__ import annotations
 
@@ -14,17 +15,20 @@ import pysyncobj.pickle
 import pytest
 from pysyncobj.syncobj import _COMMAND_TYPE
 
+from chasqui_node import raft
 from chasqui_node.commands import (
     CreateQueue,
     CreateUser,
     Kind,
     PublishBatch,
     Receipts,
+)
+from chasqui_node.entries import (
     decode_entry,
 )
 from chasqui_node.errors import InvalidArgument
 from chasqui_node.replication import Member, Replicator
-from chasqui_node.state_machine import StateMachine
+from chasqui_node.state import StateMachine
 from chasqui_node.storage import Storage
 from tests.harness import free_port_block
 
@@ -34,6 +38,7 @@ REGULAR = _COMMAND_TYPE.REGULAR
 
 @pytest.fixture
 def replicator(tmp_path: Path) -> Iterator[Replicator]:
+    raft.install()
     port = free_port_block(2)
     member = Member("n1", f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}")
     storage = Storage(tmp_path / "state", fsync=False)
@@ -52,10 +57,11 @@ def replicator(tmp_path: Path) -> Iterator[Replicator]:
 
 
 def test_journals_name_the_methods_by_fixed_numbers(replicator: Replicator) -> None:
-    assert replicator._raft._methodToID == {"apply_entry_v0": 0, "apply_packed_v0": 1}
+    assert replicator._raft._node._methodToID == {"apply_entry_v0": 0, "apply_packed_v0": 1}
 
 
 def test_pysyncobj_pickles_bytes_verbatim() -> None:
+    raft.install()
     body = os.urandom(1000)
     assert len(pysyncobj.pickle.dumps((1, (body,)))) < 1100  # protocol 2: about 1500
     assert pysyncobj.pickle.loads(pysyncobj.pickle.dumps((1, (body,)))) == (1, (body,))
@@ -75,7 +81,7 @@ def test_packed_and_text_entries_are_logged_and_applied(replicator: Replicator) 
     assert isinstance(refused, InvalidArgument)
 
     logged = []
-    raft_log = replicator._raft_log
+    raft_log = replicator._raft._log
     for position in range(len(raft_log)):
         command = raft_log[position][0]  # a type byte, then the pickled call
         if command[:1] == bytes([REGULAR]):  # not a no-op or membership change

@@ -1,4 +1,4 @@
-"""Unit tests of `_DurableRaftLog`, the adapter from Chasqui's `Journal` to pysyncobj's journal.
+"""Unit tests of `DurableRaftLog`, the adapter from Chasqui's `Journal` to pysyncobj's journal.
 
 They prove that:
 
@@ -24,14 +24,14 @@ from hypothesis import strategies as st
 from pysyncobj.journal import MemoryJournal
 
 from chasqui_node.journal import Entry, Journal, JournalCorrupt
-from chasqui_node.replication import _MEMBERSHIP_COMMAND, _DurableRaftLog, _EntryView
+from chasqui_node.raft.log import MEMBERSHIP_COMMAND, DurableRaftLog, EntryView
 
 HEADER = 24  # u32 length | u32 crc32 | u64 index | u64 term
 
 
-def open_log(directory: Path) -> tuple[_DurableRaftLog, list[str]]:
+def open_log(directory: Path) -> tuple[DurableRaftLog, list[str]]:
     fatal: list[str] = []
-    return _DurableRaftLog(Journal(directory / "j"), directory, on_fatal=fatal.append), fatal
+    return DurableRaftLog(Journal(directory / "j"), directory, on_fatal=fatal.append), fatal
 
 
 def segment(directory: Path) -> Path:
@@ -43,7 +43,7 @@ def entries(count: int, first: int = 1, term: int = 1) -> list[Entry]:
     return [(f"cmd-{index:04d}".encode(), index, term) for index in range(first, first + count)]
 
 
-def filled(directory: Path, count: int = 10) -> tuple[_DurableRaftLog, list[str], list[Entry]]:
+def filled(directory: Path, count: int = 10) -> tuple[DurableRaftLog, list[str], list[Entry]]:
     log, fatal = open_log(directory)
     written = entries(count)
     for entry in written:
@@ -52,7 +52,7 @@ def filled(directory: Path, count: int = 10) -> tuple[_DurableRaftLog, list[str]
     return log, fatal, written
 
 
-def as_list(log: _DurableRaftLog) -> list[Entry]:
+def as_list(log: DurableRaftLog) -> list[Entry]:
     return [log[position] for position in range(len(log))]
 
 
@@ -93,7 +93,7 @@ def test_slice_is_a_view_that_agrees_with_a_list(tmp_path: Path, outer: slice) -
     log, _, written = filled(tmp_path, 10)
     view = log[outer]
     model = written[outer]
-    assert isinstance(view, _EntryView)
+    assert isinstance(view, EntryView)
     assert len(view) == len(model)
     assert list(view) == model
     for position in range(-len(model), len(model)):
@@ -293,7 +293,7 @@ def test_commit_index_is_kept_in_memory(tmp_path: Path) -> None:
     log._destroy()
 
 
-def _corrupt_cold(tmp_path: Path) -> tuple[_DurableRaftLog, list[str], list[Entry]]:
+def _corrupt_cold(tmp_path: Path) -> tuple[DurableRaftLog, list[str], list[Entry]]:
     """A reopened log (nothing cached) whose entry at position 2 is damaged on disk."""
     log, _, written = filled(tmp_path, 5)
     log._destroy()
@@ -458,8 +458,8 @@ def test_random_operations_agree_with_pysyncobj_memory_journal(
     assert fatal == []
 
 
-def _applied_log(directory: Path, applied: int) -> _DurableRaftLog:
-    log = _DurableRaftLog(
+def _applied_log(directory: Path, applied: int) -> DurableRaftLog:
+    log = DurableRaftLog(
         Journal(directory / "j"), directory, on_fatal=[].append, applied_index=lambda: applied
     )
     for index in range(1, 9):
@@ -481,7 +481,7 @@ def test_a_blanket_delete_over_a_membership_change_drops_the_unapplied_tail(
     """pysyncobj undid the membership change in the deleted range and redoes only what it
     re-adds: the log follows it, except applied (committed) entries."""
     log = _applied_log(tmp_path, applied=5)
-    log.add(_MEMBERSHIP_COMMAND + b"change", 9, 1)
+    log.add(MEMBERSHIP_COMMAND + b"change", 9, 1)
     log.deleteEntriesFrom(2)
     assert [entry[1] for entry in log[:]] == [1, 2, 3, 4, 5]
 

@@ -1,8 +1,8 @@
-"""raft_transport: what a connection to the Raft port can make a node hold.
+"""raft/transport.py: what a connection to the Raft port can make a node hold.
 
 A `RaftConnection` is driven as pysyncobj's poller drives it (a read event at a time) over a
 fake socket that hands out scripted bytes and records what it was asked for; no network.
-Peers' messages are built as a Chasqui peer builds them (raft_cipher.py, pysyncobj's pickle and
+Peers' messages are built as a Chasqui peer builds them (raft/cipher.py, pysyncobj's pickle and
 zlib, a native 4-byte length), so a message that opens here opens on a node. Proves: a frame's
 length is checked before its body is buffered (the handshake bound before authentication, the
 message bound after, each just under, at and just over); a stranger's read never asks for more
@@ -35,8 +35,8 @@ from pysyncobj.poller import POLL_EVENT_TYPE
 from pysyncobj.tcp_connection import CONNECTION_STATE
 
 from chasqui_node import limits
-from chasqui_node.raft_cipher import ClusterCipher, ConnectionCipher, marked
-from chasqui_node.raft_transport import (
+from chasqui_node.raft.cipher import ClusterCipher, ConnectionCipher, marked
+from chasqui_node.raft.transport import (
     FrameRefused,
     Inbox,
     RaftConnection,
@@ -137,7 +137,7 @@ class Peer:
         return frame(self.cipher.encrypt_at_time(data, 1000))
 
     def first_message(self) -> bytes:
-        """The outgoing side's random key: always Fernet (raft_cipher.py)."""
+        """The outgoing side's random key: always Fernet (raft/cipher.py)."""
         return self.message(self.recvRandKey)
 
 
@@ -478,7 +478,7 @@ def test_after_a_stalled_tick_the_poll_reads_before_anything_is_dropped() -> Non
 def test_refusals_are_logged_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
     now = [0.0]
     log = RefusalLog(10.0, clock=lambda: now[0])
-    with caplog.at_level(logging.WARNING, logger="chasqui_node.raft_transport"):
+    with caplog.at_level(logging.WARNING, logger="chasqui_node.raft.transport"):
         for step in range(25):
             now[0] = step * 1.0
             log.note(f"refusal {step}")

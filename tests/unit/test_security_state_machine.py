@@ -44,6 +44,8 @@ from chasqui_node.commands import (
     UserCreated,
     UserInfo,
     UserSummary,
+)
+from chasqui_node.entries import (
     decode_entry,
     encode_entry,
 )
@@ -56,7 +58,7 @@ from chasqui_node.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
-from chasqui_node.state_machine import MemoryStore, StateMachine
+from chasqui_node.state import MemoryStore, StateMachine
 
 ALICE = "a" * 64  # u1, owns what the tests create
 BOB = "b" * 64  # u2

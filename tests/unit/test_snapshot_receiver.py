@@ -1,15 +1,18 @@
-"""Unit tests of how a follower takes a snapshot from its leader (replication.py).
+"""Unit tests of how a follower takes a snapshot from its leader (raft/snapshots.py).
 
 A follower installs a received snapshot only when it brings something new: its last entry is
 neither applied here nor held in the Raft log. Installing any other one would clear the log,
 dropping entries the follower had acknowledged and the leader had counted towards a commit
 (the fault suite lost confirmed messages that way). They prove that:
 
-1. `_DurableRaftLog.holds` answers for exactly the stored (index, term) pairs;
-2. `_SnapshotReceiver` assembles chunks into a staging file, replaces the node's own snapshot
+1. `DurableRaftLog.holds` answers for exactly the stored (index, term) pairs;
+2. `SnapshotReceiver` assembles chunks into a staging file, replaces the node's own snapshot
    only when the snapshot is accepted, and leaves it untouched otherwise;
-3. `Replicator._accept_snapshot` declines snapshots at or below the applied index, snapshots
-   whose last entry is in the log, and damaged files; it accepts a newer one.
+3. `SnapshotInstaller.accept` declines snapshots at or below the applied index, snapshots
+   whose last entry is in the log, and damaged files; it accepts a newer one, and
+   `SnapshotInstaller.load` installs it without hashing it again;
+4. the follower's commit index moves only over entries the leader's message verified
+   (`_follower_commit`, raft/node.py).
 """
 
 from __future__ import annotations
@@ -18,28 +21,22 @@ import errno
 import logging
 import os
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from chasqui_node import storage as storage_module
-from chasqui_node.clock import ClusterClock
 from chasqui_node.journal import Entry, Journal
-from chasqui_node.replication import (
-    Replicator,
-    _BackgroundSnapshot,
-    _DurableRaftLog,
-    _follower_commit,
-    _SnapshotReceiver,
-)
-from chasqui_node.state_machine import StateMachine
+from chasqui_node.raft.log import DurableRaftLog
+from chasqui_node.raft.node import _follower_commit
+from chasqui_node.raft.snapshots import BackgroundSnapshot, SnapshotInstaller, SnapshotReceiver
 from chasqui_node.storage import SnapshotCorrupt, Storage
 
 
-def log_with(directory: Path, entries: list[Entry]) -> _DurableRaftLog:
-    log = _DurableRaftLog(Journal(directory / "j"), directory, on_fatal=lambda _reason: None)
+def log_with(directory: Path, entries: list[Entry]) -> DurableRaftLog:
+    log = DurableRaftLog(Journal(directory / "j"), directory, on_fatal=lambda _reason: None)
     for entry in entries:
         log.add(*entry)
     log.sync()
@@ -59,7 +56,7 @@ def test_holds_on_an_empty_log(tmp_path: Path) -> None:
     assert not log_with(tmp_path, []).holds(1, 1)
 
 
-def send(receiver: _SnapshotReceiver, payload: bytes, chunk_bytes: int = 4) -> list[bool]:
+def send(receiver: SnapshotReceiver, payload: bytes, chunk_bytes: int = 4) -> list[bool]:
     """Feed `payload` the way pysyncobj's leader does: chunks, then an empty last one."""
     chunks = [payload[at : at + chunk_bytes] for at in range(0, len(payload), chunk_bytes)]
     answers = [receiver((chunk, at == 0, False)) for at, chunk in enumerate(chunks)]
@@ -76,7 +73,7 @@ def test_accepted_snapshot_replaces_the_file(tmp_path: Path) -> None:
         seen.append(Path(path).read_bytes())
         return True
 
-    answers = send(_SnapshotReceiver(str(target), accept), b"the leader's snapshot")
+    answers = send(SnapshotReceiver(str(target), accept), b"the leader's snapshot")
     assert answers[-1] is True and not any(answers[:-1])
     assert seen == [b"the leader's snapshot"], "judged once, on the complete file"
     assert target.read_bytes() == b"the leader's snapshot"
@@ -86,7 +83,7 @@ def test_accepted_snapshot_replaces_the_file(tmp_path: Path) -> None:
 def test_declined_snapshot_leaves_ours_in_place(tmp_path: Path) -> None:
     target = tmp_path / "raft.snapshot"
     target.write_bytes(b"ours")
-    answers = send(_SnapshotReceiver(str(target), lambda _path: False), b"stale snapshot")
+    answers = send(SnapshotReceiver(str(target), lambda _path: False), b"stale snapshot")
     assert not any(answers)
     assert target.read_bytes() == b"ours"
     assert not (tmp_path / "raft.snapshot.incoming").exists()
@@ -94,7 +91,7 @@ def test_declined_snapshot_leaves_ours_in_place(tmp_path: Path) -> None:
 
 def test_chunks_without_a_start_are_ignored(tmp_path: Path) -> None:
     target = tmp_path / "raft.snapshot"
-    receiver = _SnapshotReceiver(str(target), lambda _path: True)
+    receiver = SnapshotReceiver(str(target), lambda _path: True)
     assert receiver((b"middle", False, False)) is False
     assert receiver((b"", False, True)) is False
     assert receiver(None) is False
@@ -103,7 +100,7 @@ def test_chunks_without_a_start_are_ignored(tmp_path: Path) -> None:
 
 def test_a_new_transfer_restarts_the_staging_file(tmp_path: Path) -> None:
     target = tmp_path / "raft.snapshot"
-    receiver = _SnapshotReceiver(str(target), lambda _path: True)
+    receiver = SnapshotReceiver(str(target), lambda _path: True)
     receiver((b"abandoned ", True, False))
     assert send(receiver, b"complete")[-1] is True
     assert target.read_bytes() == b"complete"
@@ -112,7 +109,7 @@ def test_a_new_transfer_restarts_the_staging_file(tmp_path: Path) -> None:
 def test_a_leftover_staging_file_is_removed(tmp_path: Path) -> None:
     staging = tmp_path / "raft.snapshot.incoming"
     staging.write_bytes(b"cut short by a stop")
-    _SnapshotReceiver(str(tmp_path / "raft.snapshot"), lambda _path: True)
+    SnapshotReceiver(str(tmp_path / "raft.snapshot"), lambda _path: True)
     assert not staging.exists()
 
 
@@ -132,16 +129,29 @@ def snapshot_at_3(tmp_path: Path) -> str:
     return path
 
 
-def follower(tmp_path: Path, applied: int, log: list[Entry]) -> SimpleNamespace:
+@dataclass
+class Follower:
+    """A follower's storage and Raft log, its `SnapshotInstaller`, and what that reported."""
+
+    storage: Storage
+    raft_log: DurableRaftLog
+    installer: SnapshotInstaller
+    fatal: list[str]  # reasons given to on_fatal
+    installed: list[None]  # one per on_installed call
+
+
+def follower(tmp_path: Path, applied: int, log: list[Entry]) -> Follower:
     storage = Storage(tmp_path / "follower")
     for index in range(1, applied + 1):
         storage.apply(index, lambda store: None)
-    return SimpleNamespace(
-        node_id="n3",
-        _storage=storage,
-        _raft_log=log_with(tmp_path / "follower", log),
-        _snapshots=_BackgroundSnapshot(storage, str(tmp_path / "follower.snapshot"), "n3"),
+    raft_log = log_with(tmp_path / "follower", log)
+    snapshots = BackgroundSnapshot(storage, str(tmp_path / "follower.snapshot"), "n3")
+    fatal: list[str] = []
+    installed: list[None] = []
+    installer = SnapshotInstaller(
+        storage, snapshots, raft_log, "n3", fatal.append, lambda: installed.append(None)
     )
+    return Follower(storage, raft_log, installer, fatal, installed)
 
 
 @pytest.mark.parametrize(
@@ -160,11 +170,11 @@ def test_accept_only_what_brings_something_new(
 ) -> None:
     node = follower(tmp_path, applied, log)
     try:
-        assert Replicator._accept_snapshot(node, snapshot_at_3) is accepted  # type: ignore[arg-type]
+        assert node.installer.accept(snapshot_at_3) is accepted
         if not accepted:
-            assert len(node._raft_log) == len(log), "a declined snapshot leaves the log alone"
+            assert len(node.raft_log) == len(log), "a declined snapshot leaves the log alone"
     finally:
-        node._storage.close()
+        node.storage.close()
 
 
 def test_a_damaged_snapshot_is_declined_and_logged(
@@ -176,10 +186,10 @@ def test_a_damaged_snapshot_is_declined_and_logged(
     node = follower(tmp_path, 0, [])
     try:
         with caplog.at_level(logging.ERROR):
-            assert Replicator._accept_snapshot(node, snapshot_at_3) is False  # type: ignore[arg-type]
+            assert node.installer.accept(snapshot_at_3) is False
         assert "declined a damaged snapshot" in caplog.text
     finally:
-        node._storage.close()
+        node.storage.close()
 
 
 # -- the follower's commit index --------------------------------------------------------------
@@ -205,23 +215,12 @@ def test_the_commit_index_stays_within_what_the_leader_verified(
     assert _follower_commit(8, 15, {"type": "append_entries", **message}, installed) == expected
 
 
-def reader(tmp_path: Path, applied: int) -> SimpleNamespace:
-    """A follower with what `_accept_snapshot` and `_read_snapshot` use."""
-    node = follower(tmp_path, applied, [])
-    node._verified_snapshot = None
-    node._on_fatal = lambda _reason: None
-    node._refresh_members = lambda: None
-    node._state_machine = StateMachine()
-    node.clock = ClusterClock(0)
-    return node
-
-
 def test_an_accepted_snapshot_is_not_hashed_again_when_loaded(
     tmp_path: Path, snapshot_at_3: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    node = reader(tmp_path, 0)
+    node = follower(tmp_path, 0, [])
     try:
-        assert Replicator._accept_snapshot(node, snapshot_at_3) is True  # type: ignore[arg-type]
+        assert node.installer.accept(snapshot_at_3) is True
         target = str(tmp_path / "raft.snapshot")
         os.replace(snapshot_at_3, target)  # as the receiver does
         hashed: list[str] = []
@@ -231,36 +230,36 @@ def test_an_accepted_snapshot_is_not_hashed_again_when_loaded(
             "read_snapshot_header",
             lambda path: hashed.append(path) or original(path),
         )
-        raft_data = Replicator._read_snapshot(node, target)  # type: ignore[arg-type]
+        raft_data = node.installer.load(target)
         assert raft_data[0] == (b"c3", 3, 2)
-        assert hashed == [] and node._storage.applied_index == 3
+        assert hashed == [] and node.storage.applied_index == 3
+        assert len(node.installed) == 1, "the replicator re-reads clock and members once"
     finally:
-        node._storage.close()
+        node.storage.close()
 
 
 def test_a_different_file_at_the_path_is_verified_in_full(
     tmp_path: Path, snapshot_at_3: str
 ) -> None:
-    node = reader(tmp_path, 0)
+    node = follower(tmp_path, 0, [])
     try:
-        assert Replicator._accept_snapshot(node, snapshot_at_3) is True  # type: ignore[arg-type]
+        assert node.installer.accept(snapshot_at_3) is True
         damaged = bytearray(Path(snapshot_at_3).read_bytes())
         damaged[len(damaged) // 2] ^= 0xFF
         target = tmp_path / "raft.snapshot"
         target.write_bytes(bytes(damaged))  # another file than the one accepted
         with pytest.raises(SnapshotCorrupt):
-            Replicator._read_snapshot(node, str(target))  # type: ignore[arg-type]
-        assert node._storage.applied_index == 0
+            node.installer.load(str(target))
+        assert node.storage.applied_index == 0
     finally:
-        node._storage.close()
+        node.storage.close()
 
 
 def test_a_disk_failure_while_installing_stops_the_node_and_keeps_the_state(
     tmp_path: Path, snapshot_at_3: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    node = reader(tmp_path, 1)
-    reasons: list[str] = []
-    node._on_fatal = reasons.append
+    node = follower(tmp_path, 1, [])
+    reasons = node.fatal
     real_open = open
 
     def full_disk_open(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
@@ -269,14 +268,15 @@ def test_a_disk_failure_while_installing_stops_the_node_and_keeps_the_state(
         return real_open(path, mode, *args, **kwargs)
 
     try:
-        before = node._storage.dump_state()
+        before = node.storage.dump_state()
         monkeypatch.setattr("builtins.open", full_disk_open)
         with pytest.raises(OSError, match="No space left"):
-            Replicator._read_snapshot(node, snapshot_at_3)  # type: ignore[arg-type]
+            node.installer.load(snapshot_at_3)
         monkeypatch.undo()
         assert len(reasons) == 1 and "No space left on device" in reasons[0]
         assert snapshot_at_3 in reasons[0]
-        assert node._storage.applied_index == 1
-        assert node._storage.dump_state() == before
+        assert node.storage.applied_index == 1
+        assert node.storage.dump_state() == before
+        assert node.installed == []
     finally:
-        node._storage.close()
+        node.storage.close()

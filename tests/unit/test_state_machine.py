@@ -58,7 +58,7 @@ from chasqui_node.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
-from chasqui_node.state_machine import MemoryStore, StateMachine
+from chasqui_node.state import MemoryStore, StateMachine
 
 ALICE = "a" * 64  # u1
 BOB = "b" * 64  # u2

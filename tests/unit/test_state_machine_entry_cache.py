@@ -43,7 +43,7 @@ from chasqui_node.commands import (
     Subscribe,
 )
 from chasqui_node.errors import FailedPrecondition, QueueFull, Unauthenticated
-from chasqui_node.state_machine import MemoryStore, StateMachine
+from chasqui_node.state import MemoryStore, StateMachine
 from chasqui_node.storage import Storage
 from tests.unit.test_state_machine_properties import (
     COMMANDS,

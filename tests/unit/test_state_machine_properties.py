@@ -46,7 +46,7 @@ from chasqui_node.commands import (
     Unsubscribe,
 )
 from chasqui_node.errors import ChasquiError, Unauthenticated
-from chasqui_node.state_machine import MemoryStore, StateMachine
+from chasqui_node.state import MemoryStore, StateMachine
 
 USERS = ["a" * 64, "b" * 64, "c" * 64]
 KEYS = st.sampled_from([*USERS, *USERS, *USERS, "unknown"])

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from chasqui_node import storage as storage_module
+from chasqui_node import limits
 from chasqui_node.storage import LmdbStore, Storage
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux madvise")
@@ -76,7 +76,7 @@ def test_reads_leave_the_map_resident_until_the_next_commit_releases_it(
     # Reading every value maps (nearly) the whole file: the release below is not vacuous.
     assert mapped_kib(data_file) > file_kib // 2
 
-    monkeypatch.setattr(storage_module, "MAP_RELEASE_INTERVAL_S", 0.0)
+    monkeypatch.setattr(limits, "STORAGE_MAP_RELEASE_INTERVAL_S", 0.0)
     storage.apply(ENTRIES + 1, lambda store: store.put(b"n", b"after"))
     assert mapped_kib(data_file) < file_kib // 10
     # Nothing was lost: the pages come back from the page cache.
@@ -87,7 +87,7 @@ def test_reads_leave_the_map_resident_until_the_next_commit_releases_it(
 def test_a_large_fill_does_not_stay_mapped(
     storage: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(storage_module, "MAP_RELEASE_INTERVAL_S", 0.0)
+    monkeypatch.setattr(limits, "STORAGE_MAP_RELEASE_INTERVAL_S", 0.0)
     data_file = tmp_path / "state" / "data.mdb"
     fill(storage)
     # Without the release, fault-around keeps most of a freshly written file mapped.
@@ -98,7 +98,7 @@ def test_readers_in_other_threads_see_every_value_while_the_map_is_released(
     storage: Storage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fill(storage)
-    monkeypatch.setattr(storage_module, "MAP_RELEASE_INTERVAL_S", 0.0)
+    monkeypatch.setattr(limits, "STORAGE_MAP_RELEASE_INTERVAL_S", 0.0)
     failures: list[BaseException] = []
     done = threading.Event()
 

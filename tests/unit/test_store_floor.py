@@ -10,7 +10,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chasqui_node.state_machine import MemoryStore
+from chasqui_node.state import MemoryStore
 from chasqui_node.storage import LmdbStore, Storage
 
 KEYS = st.lists(st.binary(min_size=1, max_size=4), max_size=30, unique=True)

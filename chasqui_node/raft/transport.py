@@ -1,11 +1,11 @@
 """The Raft port: pysyncobj's TCP connection, server and transport, with bounds on what a
 stranger can make a node hold.
 
-Part of the one door to pysyncobj: replication.py installs these classes at start-up (it points
-pysyncobj's modules at `RaftConnection` and `RaftServer` and builds its node with
-`RaftTransport`); importing this module changes nothing in pysyncobj. Written against
-pysyncobj 0.3.17, whose name-mangled methods it overrides; `_check_pysyncobj` refuses to load
-against a pysyncobj without them.
+Part of the one door to pysyncobj (chasqui_node/raft/__init__.py): `install()` points
+pysyncobj's modules at `RaftConnection` and `RaftServer`, and the node is built with
+`RaftTransport`; importing this module changes nothing in pysyncobj. Written against
+pysyncobj 0.3.17, whose name-mangled methods it overrides; `install()` refuses to go on against
+another version, or one without the methods named in `OVERRIDDEN`.
 
 pysyncobj frames each message with a 4-byte length and trusts it before anything is
 authenticated. Measured against it (tests/cluster/test_raft_port_abuse.py): one connection
@@ -34,7 +34,7 @@ real peer could stay out. The departures here:
   `RAFT_ACCEPTS_PER_EVENT_MAX`, and running out of descriptors is a pause, not (as in
   pysyncobj) a reason to close the Raft port for good.
 
-AES-GCM between Chasqui nodes and Fernet to older ones (raft_cipher.py) are as before: the
+AES-GCM between Chasqui nodes and Fernet to older ones (cipher.py) are as before: the
 random key this side picks carries `KEY_MARK`, and messages to a peer whose key carries it
 are sealed with AES-GCM.
 """
@@ -59,7 +59,7 @@ from pysyncobj.poller import POLL_EVENT_TYPE
 from pysyncobj.tcp_connection import CONNECTION_STATE
 
 from chasqui_node import limits
-from chasqui_node.raft_cipher import KEY_MARK, ClusterCipher, ConnectionCipher, marked
+from chasqui_node.raft.cipher import KEY_MARK, ClusterCipher, ConnectionCipher, marked
 
 logger = logging.getLogger(__name__)
 
@@ -79,28 +79,18 @@ _ACCEPT_TRANSIENT = frozenset(
 )
 
 
-def _check_pysyncobj() -> None:
-    """Refuse to load against a pysyncobj whose internals this module does not know."""
-    needed = {
-        pysyncobj.tcp_connection.TcpConnection: (
-            "_TcpConnection__tryReadBuffer",
-            "_TcpConnection__processRead",
-            "_TcpConnection__processParseMessage",
-            "_TcpConnection__processConnection",
-        ),
-        pysyncobj.tcp_server.TcpServer: ("_TcpServer__onNewConnection", "bind"),
-        pysyncobj.transport.TCPTransport: ("_onTick", "_onNewIncomingConnection"),
-    }
-    for owner, names in needed.items():
-        missing = [name for name in names if not hasattr(owner, name)]
-        if missing:
-            raise ImportError(
-                f"pysyncobj's {owner.__name__} lacks {missing}: chasqui_node.raft_transport "
-                "was written against pysyncobj 0.3.17"
-            )
-
-
-_check_pysyncobj()
+# pysyncobj's name-mangled methods and hooks this module overrides or calls, by their owner:
+# `install()` checks they exist before anything is built on them.
+OVERRIDDEN: dict[type, tuple[str, ...]] = {
+    pysyncobj.tcp_connection.TcpConnection: (
+        "_TcpConnection__tryReadBuffer",
+        "_TcpConnection__processRead",
+        "_TcpConnection__processParseMessage",
+        "_TcpConnection__processConnection",
+    ),
+    pysyncobj.tcp_server.TcpServer: ("_TcpServer__onNewConnection", "bind"),
+    pysyncobj.transport.TCPTransport: ("_onTick", "_onNewIncomingConnection"),
+}
 
 
 class FrameRefused(Exception):
@@ -208,9 +198,9 @@ class Inbox:
 
 
 class RaftConnection(pysyncobj.tcp_connection.TcpConnection):  # type: ignore[misc]
-    """pysyncobj's TCP connection with its own `ConnectionCipher` (raft_cipher.py) and the
+    """pysyncobj's TCP connection with its own `ConnectionCipher` (cipher.py) and the
     bounds in the module docstring. pysyncobj's transport and server build connections by the
-    name `TcpConnection` in their modules, which replication.py points here. Tick thread only,
+    name `TcpConnection` in their modules, which `install()` points here. Tick thread only,
     as pysyncobj's."""
 
     _cipher: ConnectionCipher | Any
@@ -225,7 +215,7 @@ class RaftConnection(pysyncobj.tcp_connection.TcpConnection):  # type: ignore[mi
         self._opened_at: float = monotonicTime()
         super().__init__(*args, **kwargs)
 
-    # -- the cipher (raft_cipher.py) --------------------------------------------------------
+    # -- the cipher (cipher.py) ------------------------------------------------------------
 
     @property
     def encryptor(self) -> ConnectionCipher | Any:
@@ -490,3 +480,19 @@ class RaftTransport(pysyncobj.transport.TCPTransport):  # type: ignore[misc]
                 f"no authentication within {limits.RAFT_HANDSHAKE_S_MAX:g} s, {connection.phase()}"
             )
             connection.disconnect()
+
+
+def send_rest_when_writable(connection: Any) -> None:
+    """Have the poller finish sending what a pysyncobj connection could not send at once.
+
+    A message larger than the socket's free buffer (an entry of 500 messages is 240 KB on the
+    wire) is sent in part; pysyncobj keeps the rest but asks the poller for write readiness
+    only after a write event, not after a send, so the rest went out with the connection's
+    next message: a heartbeat period later when nothing else was sent. The tick thread owns
+    the poller and every send, so this runs there."""
+    if connection._TcpConnection__writeBuffer and connection.fileno() is not None:
+        connection._TcpConnection__poller.subscribe(
+            connection.fileno(),
+            connection._TcpConnection__processConnection,
+            POLL_EVENT_TYPE.READ | POLL_EVENT_TYPE.WRITE | POLL_EVENT_TYPE.ERROR,
+        )
