@@ -162,6 +162,7 @@ def _rpc_stream(method: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[
 
     @functools.wraps(method)
     def handler(self: BrokerService, requests: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        cancelled = False
         try:
             with self.connection_slots.hold(f"connection {context.peer()}"):
                 for response in method(self, _parsed_stream(requests, context), context):
@@ -170,17 +171,19 @@ def _rpc_stream(method: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[
         except ChasquiError as error:
             self._abort(context, error)
         except grpc.RpcError:
-            # grpc's request iterator raises this once the client has cancelled (or its
-            # deadline passed), even before a first request: a normal end, nothing to answer.
-            if context.is_active():
-                _abort_internal(context, method.__name__)
+            # Only grpc's request iterator raises this here: the client cancelled (or its
+            # deadline passed), even before a first request. A normal end, nothing to answer;
+            # the call may still look active for a moment, so it is counted from this.
+            cancelled = True
         except Exception:
             _abort_internal(context, method.__name__)
         finally:
             # context.code() is what abort() set; None for a stream that ended by itself, which
             # it does when the call is no longer active (the client cancelled or timed out).
             code = context.code() or (
-                grpc.StatusCode.OK if context.is_active() else grpc.StatusCode.CANCELLED
+                grpc.StatusCode.CANCELLED
+                if cancelled or not context.is_active()
+                else grpc.StatusCode.OK
             )
             self.metrics.observe_call(method.__name__, code, None)
 
@@ -575,6 +578,9 @@ class BrokerService(pb_grpc.BrokerServicer):
         key_hash = self._key_hash(context)
         first = next(requests, None)
         if first is None:
+            # The client closed its side, or cancelled (grpc may end the request iterator just
+            # before the call turns inactive), without asking for anything: not a served call.
+            context.set_code(grpc.StatusCode.CANCELLED)
             return
         command = Consume(
             key_hash=key_hash,
