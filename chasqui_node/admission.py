@@ -22,7 +22,9 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
+from chasqui_node import limits
 from chasqui_node.errors import ResourceExhausted
 
 
@@ -122,3 +124,43 @@ class RateLimit:
                     f"(bursts of {self._burst}); {self._advice}"
                 )
             self._tokens -= 1
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A node's bounds for its gRPC service: calls per connection, waiting calls per key and
+    per node, and the open-signup rate."""
+
+    connection_slots: Slots  # by gRPC peer
+    waiting_slots: Slots  # long-polls and streams, by key hash
+    signups: RateLimit
+
+    @classmethod
+    def for_node(
+        cls,
+        calls_in_flight_per_connection_max: int = limits.CALLS_IN_FLIGHT_PER_CONNECTION_MAX,
+        waiting_calls_max: int = limits.WAITING_CALLS_MAX,
+        waiting_calls_per_key_max: int = limits.WAITING_CALLS_PER_KEY_MAX,
+    ) -> Admission:
+        return cls(
+            connection_slots=Slots(
+                "calls in flight",
+                "calls_in_flight_per_connection_max",
+                calls_in_flight_per_connection_max,
+                advice="wait for one to finish or open another connection",
+            ),
+            waiting_slots=Slots(
+                "waiting calls (long-polls and streams)",
+                "waiting_calls_per_key_max",
+                waiting_calls_per_key_max,
+                "waiting_calls_max",
+                waiting_calls_max,
+                advice="close one, or consume with timeout_s 0 and a pause between calls",
+            ),
+            signups=RateLimit(
+                "signups_per_second_max",
+                limits.SIGNUPS_PER_SECOND_MAX,
+                limits.SIGNUP_BURST_MAX,
+                advice="retry in a moment, or have an admin create the user",
+            ),
+        )

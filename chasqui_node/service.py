@@ -34,7 +34,7 @@ from typing import Any, Protocol, TypeVar
 import grpc
 
 from chasqui_node import limits, validation
-from chasqui_node.admission import RateLimit, Slots
+from chasqui_node.admission import Admission
 from chasqui_node.commands import (
     AckBatch,
     Command,
@@ -169,7 +169,7 @@ def _rpc_stream(method: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[
                     self.metrics.count_messages(method.__name__, None, response)
                     yield response
         except ChasquiError as error:
-            self._abort(context, error)
+            _abort(context, error)
         except grpc.RpcError:
             # Only grpc's request iterator raises this here: the client cancelled (or its
             # deadline passed), even before a first request. A normal end, nothing to answer;
@@ -217,7 +217,7 @@ def _rpc(method: Callable[..., Any]) -> Callable[..., Any]:
             self.metrics.count_messages(method.__name__, request, response)
             return response
         except ChasquiError as error:
-            self._abort(context, error)
+            _abort(context, error)
         except Exception:
             _abort_internal(context, method.__name__)
         finally:
@@ -226,6 +226,84 @@ def _rpc(method: Callable[..., Any]) -> Callable[..., Any]:
             self.metrics.observe_call(method.__name__, code, time.monotonic() - started)
 
     return handler
+
+
+def _abort(context: grpc.ServicerContext, error: ChasquiError) -> None:
+    """End the call with the status `error` maps to (`_STATUS_OF`), and a follower's leader
+    hint in the trailing metadata."""
+    code = next(
+        (status for cls, status in _STATUS_OF if isinstance(error, cls)),
+        grpc.StatusCode.INTERNAL,
+    )
+    if isinstance(error, NotLeader) and error.leader_address:
+        context.set_trailing_metadata(((LEADER_METADATA_KEY, error.leader_address),))
+    context.abort(code, error.message)
+
+
+def _caller_key_hash(
+    context: grpc.ServicerContext,
+    missing: str = "no key: send metadata 'authorization: Bearer <key>'",
+) -> str:
+    """The hash of the caller's key; the key itself goes no further than this."""
+    for key, value in context.invocation_metadata():
+        if key == "authorization":
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise Unauthenticated("authorization metadata must be 'Bearer <key>'")
+            return hash_key(token.strip())
+    raise Unauthenticated(missing)
+
+
+def _delivery_commands(
+    key_hash: str, references: Sequence[Any], build: Callable[..., Command]
+) -> list[Command]:
+    """One command per delivery reference (nack, extend), built by `build`."""
+    return [
+        build(
+            key_hash=key_hash,
+            kind=_kind(reference.kind),
+            name=reference.name,
+            sequence=reference.sequence,
+            delivery_count=reference.delivery_count,
+        )
+        for reference in references
+    ]
+
+
+def _cluster_status_response(status: ReplicationStatus) -> Any:
+    leader = status.leader
+    return pb.ClusterStatusResponse(
+        node_id=status.node_id,
+        role=status.role.value,
+        term=status.term,
+        leader_id=leader.node_id if leader else "",
+        leader_address=leader.client_address if leader else "",
+        commit_index=status.commit_index,
+        applied_index=status.applied_index,
+        log_length=status.log_length,
+        has_quorum=status.has_quorum,
+        members=[
+            pb.MemberStatus(
+                node_id=peer.member.node_id,
+                client_address=peer.member.client_address,
+                raft_address=peer.member.raft_address,
+                connected=peer.connected,
+                match_index=peer.match_index,
+            )
+            for peer in status.peers
+        ],
+    )
+
+
+def _members_pb(members: Sequence[Member]) -> list[Any]:
+    return [
+        pb.MemberStatus(
+            node_id=member.node_id,
+            client_address=member.client_address,
+            raft_address=member.raft_address,
+        )
+        for member in members
+    ]
 
 
 class BrokerService(pb_grpc.BrokerServicer):
@@ -252,52 +330,14 @@ class BrokerService(pb_grpc.BrokerServicer):
         self._membership = MembershipSteps(replication, proposal_timeout_s)
         self._proposal_timeout_s = proposal_timeout_s
         self._signup_open = signup_open
-        self.connection_slots = Slots(
-            "calls in flight",
-            "calls_in_flight_per_connection_max",
-            calls_in_flight_per_connection_max,
-            advice="wait for one to finish or open another connection",
+        admission = Admission.for_node(
+            calls_in_flight_per_connection_max, waiting_calls_max, waiting_calls_per_key_max
         )
-        self.signups = RateLimit(
-            "signups_per_second_max",
-            limits.SIGNUPS_PER_SECOND_MAX,
-            limits.SIGNUP_BURST_MAX,
-            advice="retry in a moment, or have an admin create the user",
-        )
-        # Long-polls and streams (see admission.py), by key hash.
-        self.waiting_slots = Slots(
-            "waiting calls (long-polls and streams)",
-            "waiting_calls_per_key_max",
-            waiting_calls_per_key_max,
-            "waiting_calls_max",
-            waiting_calls_max,
-            advice="close one, or consume with timeout_s 0 and a pause between calls",
-        )
+        self.connection_slots = admission.connection_slots  # every call, by gRPC peer
+        self.waiting_slots = admission.waiting_slots  # long-polls and streams, by key hash
+        self.signups = admission.signups
 
     # -- plumbing ----------------------------------------------------------------------------
-
-    def _abort(self, context: grpc.ServicerContext, error: ChasquiError) -> None:
-        code = next(
-            (status for cls, status in _STATUS_OF if isinstance(error, cls)),
-            grpc.StatusCode.INTERNAL,
-        )
-        if isinstance(error, NotLeader) and error.leader_address:
-            context.set_trailing_metadata(((LEADER_METADATA_KEY, error.leader_address),))
-        context.abort(code, error.message)
-
-    def _key_hash(
-        self,
-        context: grpc.ServicerContext,
-        missing: str = "no key: send metadata 'authorization: Bearer <key>'",
-    ) -> str:
-        """The hash of the caller's key; the key itself goes no further than this."""
-        for key, value in context.invocation_metadata():
-            if key == "authorization":
-                scheme, _, token = value.partition(" ")
-                if scheme.lower() != "bearer" or not token.strip():
-                    raise Unauthenticated("authorization metadata must be 'Bearer <key>'")
-                return hash_key(token.strip())
-        raise Unauthenticated(missing)
 
     def _timeout_s(self, context: grpc.ServicerContext) -> float:
         return call_wait_s(context, self._proposal_timeout_s)
@@ -324,7 +364,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             command = CreateUser(key_hash=hash_key(key))
         else:
             what = "an admin user" if request.admin else "a user: signup is closed"
-            caller = self._key_hash(
+            caller = _caller_key_hash(
                 context,
                 missing=f"creating {what}; send an admin key as 'authorization: Bearer <key>'",
             )
@@ -337,7 +377,7 @@ class BrokerService(pb_grpc.BrokerServicer):
 
     @_rpc
     def ListUsers(self, request: pb.ListUsersRequest, context: grpc.ServicerContext) -> Any:
-        key_hash = self._key_hash(context)
+        key_hash = _caller_key_hash(context)
         users = self._read(context, lambda store: self._state_machine.list_users(store, key_hash))
         return pb.ListUsersResponse(
             users=[
@@ -354,13 +394,13 @@ class BrokerService(pb_grpc.BrokerServicer):
 
     @_rpc
     def RevokeUser(self, request: pb.RevokeUserRequest, context: grpc.ServicerContext) -> Any:
-        key_hash = self._key_hash(context)
+        key_hash = _caller_key_hash(context)
         self._propose(RevokeUser(key_hash=key_hash, user_id=request.user_id), context)
         return pb.RevokeUserResponse()
 
     @_rpc
     def SetAccess(self, request: pb.SetAccessRequest, context: grpc.ServicerContext) -> Any:
-        key_hash = self._key_hash(context)
+        key_hash = _caller_key_hash(context)
         kind = _kind(request.kind)
         command = SetAccess(
             key_hash=key_hash,
@@ -374,7 +414,7 @@ class BrokerService(pb_grpc.BrokerServicer):
 
     @_rpc
     def WhoAmI(self, request: pb.WhoAmIRequest, context: grpc.ServicerContext) -> Any:
-        key_hash = self._key_hash(context)
+        key_hash = _caller_key_hash(context)
         user = self._read(context, lambda store: self._state_machine.authenticate(store, key_hash))
         return pb.WhoAmIResponse(user_id=user.user_id, admin=user.admin)
 
@@ -382,7 +422,7 @@ class BrokerService(pb_grpc.BrokerServicer):
 
     @_rpc
     def CreateTopic(self, request: pb.CreateTopicRequest, context: grpc.ServicerContext) -> Any:
-        key_hash = self._key_hash(context)
+        key_hash = _caller_key_hash(context)
         result = self._propose(
             CreateTopic(
                 key_hash=key_hash,
@@ -398,13 +438,13 @@ class BrokerService(pb_grpc.BrokerServicer):
 
     @_rpc
     def DeleteTopic(self, request: pb.DeleteTopicRequest, context: grpc.ServicerContext) -> Any:
-        key_hash = self._key_hash(context)
+        key_hash = _caller_key_hash(context)
         self._propose(DeleteTopic(key_hash=key_hash, name=request.name), context)
         return pb.DeleteTopicResponse()
 
     @_rpc
     def ListTopics(self, request: pb.ListTopicsRequest, context: grpc.ServicerContext) -> Any:
-        key_hash = self._key_hash(context)
+        key_hash = _caller_key_hash(context)
         topics = self._read(
             context,
             lambda store: self._state_machine.list_topics(store, key_hash, request.owned_only),
@@ -426,7 +466,7 @@ class BrokerService(pb_grpc.BrokerServicer):
 
     @_rpc
     def CreateQueue(self, request: pb.CreateQueueRequest, context: grpc.ServicerContext) -> Any:
-        key_hash = self._key_hash(context)
+        key_hash = _caller_key_hash(context)
         overflow = _OVERFLOW_FROM_PB.get(request.overflow)
         if overflow is None:
             raise InvalidArgument(f"overflow {request.overflow} is not REJECT_PUBLISH or DROP_HEAD")
@@ -449,13 +489,13 @@ class BrokerService(pb_grpc.BrokerServicer):
 
     @_rpc
     def DeleteQueue(self, request: pb.DeleteQueueRequest, context: grpc.ServicerContext) -> Any:
-        key_hash = self._key_hash(context)
+        key_hash = _caller_key_hash(context)
         self._propose(DeleteQueue(key_hash=key_hash, name=request.name), context)
         return pb.DeleteQueueResponse()
 
     @_rpc
     def ListQueues(self, request: pb.ListQueuesRequest, context: grpc.ServicerContext) -> Any:
-        key_hash = self._key_hash(context)
+        key_hash = _caller_key_hash(context)
         queues = self._read(
             context,
             lambda store: self._state_machine.list_queues(store, key_hash, request.owned_only),
@@ -479,7 +519,7 @@ class BrokerService(pb_grpc.BrokerServicer):
 
     @_rpc
     def Subscribe(self, request: pb.SubscribeRequest, context: grpc.ServicerContext) -> Any:
-        key_hash = self._key_hash(context)
+        key_hash = _caller_key_hash(context)
         kind = _kind(request.kind)
         start = _START_FROM_PB.get(request.start)
         if start is None:
@@ -495,7 +535,7 @@ class BrokerService(pb_grpc.BrokerServicer):
 
     @_rpc
     def Unsubscribe(self, request: pb.UnsubscribeRequest, context: grpc.ServicerContext) -> Any:
-        key_hash = self._key_hash(context)
+        key_hash = _caller_key_hash(context)
         kind = _kind(request.kind)
         self._propose(Unsubscribe(key_hash=key_hash, kind=kind, name=request.name), context)
         return pb.UnsubscribeResponse()
@@ -511,7 +551,7 @@ class BrokerService(pb_grpc.BrokerServicer):
 
     @_rpc
     def Publish(self, request: pb.PublishRequest, context: grpc.ServicerContext) -> Any:
-        key_hash = self._key_hash(context)
+        key_hash = _caller_key_hash(context)
         kind = _kind(request.kind)
         command = Publish(
             key_hash=key_hash,
@@ -526,7 +566,7 @@ class BrokerService(pb_grpc.BrokerServicer):
 
     @_rpc
     def PublishBatch(self, request: pb.PublishBatchRequest, context: grpc.ServicerContext) -> Any:
-        key_hash = self._key_hash(context)
+        key_hash = _caller_key_hash(context)
         kind = _kind(request.kind)
         items = request.items
         # One command, applied all or nothing: a refusal (unknown queue, queue full) leaves
@@ -551,7 +591,7 @@ class BrokerService(pb_grpc.BrokerServicer):
 
     @_rpc
     def Consume(self, request: pb.ConsumeRequest, context: grpc.ServicerContext) -> Any:
-        key_hash = self._key_hash(context)
+        key_hash = _caller_key_hash(context)
         kind = _kind(request.kind)
         command = Consume(
             key_hash=key_hash,
@@ -575,7 +615,7 @@ class BrokerService(pb_grpc.BrokerServicer):
     def ConsumeStream(
         self, requests: Iterator[pb.ConsumeStreamRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.ConsumeResponse]:
-        key_hash = self._key_hash(context)
+        key_hash = _caller_key_hash(context)
         first = next(requests, None)
         if first is None:
             # The client closed its side, or cancelled (grpc may end the request iterator just
@@ -596,23 +636,6 @@ class BrokerService(pb_grpc.BrokerServicer):
             for deliveries in self._long_poll.stream(command, first.credit, grants, context):
                 yield _consume_response(deliveries)
 
-    def _delivery_commands(
-        self, key_hash: str, references: Sequence[Any], build: Callable[..., Command]
-    ) -> list[Command]:
-        commands = []
-        for reference in references:
-            kind = _kind(reference.kind)
-            commands.append(
-                build(
-                    key_hash=key_hash,
-                    kind=kind,
-                    name=reference.name,
-                    sequence=reference.sequence,
-                    delivery_count=reference.delivery_count,
-                )
-            )
-        return commands
-
     def _propose_all(self, commands: list[Command], context: grpc.ServicerContext) -> None:
         for command in commands:  # all checked before any is proposed
             validation.check_request(command)
@@ -622,7 +645,7 @@ class BrokerService(pb_grpc.BrokerServicer):
 
     @_rpc
     def Ack(self, request: pb.AckRequest, context: grpc.ServicerContext) -> Any:
-        key_hash = self._key_hash(context)
+        key_hash = _caller_key_hash(context)
         validation.check_ack_count(len(request.deliveries))  # the call's, across its groups
         # One AckBatch per queue or topic, in the order each first appears; within one, the
         # deliveries keep their order (topic acks are cumulative).
@@ -644,9 +667,9 @@ class BrokerService(pb_grpc.BrokerServicer):
 
     @_rpc
     def Nack(self, request: pb.NackRequest, context: grpc.ServicerContext) -> Any:
-        key_hash = self._key_hash(context)
+        key_hash = _caller_key_hash(context)
         delay_ms = request.delay_ms
-        commands = self._delivery_commands(
+        commands = _delivery_commands(
             key_hash,
             [request.delivery],
             lambda **fields: Nack(delay_ms=delay_ms, **fields),
@@ -656,9 +679,9 @@ class BrokerService(pb_grpc.BrokerServicer):
 
     @_rpc
     def Extend(self, request: pb.ExtendRequest, context: grpc.ServicerContext) -> Any:
-        key_hash = self._key_hash(context)
+        key_hash = _caller_key_hash(context)
         extend_ms = request.extend_ms
-        commands = self._delivery_commands(
+        commands = _delivery_commands(
             key_hash,
             [request.delivery],
             lambda **fields: Extend(extend_ms=extend_ms, **fields),
@@ -672,54 +695,22 @@ class BrokerService(pb_grpc.BrokerServicer):
     def ClusterStatus(self, request: pb.ClusterStatusRequest, context: grpc.ServicerContext) -> Any:
         # Status is local and unauthenticated on purpose: operators and the client's leader
         # discovery need it from any node, and it reveals no user data.
-        status = self._replication.status()
-        leader = status.leader
-        return pb.ClusterStatusResponse(
-            node_id=status.node_id,
-            role=status.role.value,
-            term=status.term,
-            leader_id=leader.node_id if leader else "",
-            leader_address=leader.client_address if leader else "",
-            commit_index=status.commit_index,
-            applied_index=status.applied_index,
-            log_length=status.log_length,
-            has_quorum=status.has_quorum,
-            members=[
-                pb.MemberStatus(
-                    node_id=peer.member.node_id,
-                    client_address=peer.member.client_address,
-                    raft_address=peer.member.raft_address,
-                    connected=peer.connected,
-                    match_index=peer.match_index,
-                )
-                for peer in status.peers
-            ],
-        )
+        return _cluster_status_response(self._replication.status())
 
     # -- membership (admin) --------------------------------------------------------------------
 
-    def _members_pb(self) -> list[Any]:
-        return [
-            pb.MemberStatus(
-                node_id=member.node_id,
-                client_address=member.client_address,
-                raft_address=member.raft_address,
-            )
-            for member in self._replication.members
-        ]
-
     @_rpc
     def AddMember(self, request: pb.AddMemberRequest, context: grpc.ServicerContext) -> Any:
-        key_hash = self._key_hash(context)
+        key_hash = _caller_key_hash(context)
         member = Member(request.node_id, request.client_address, request.raft_address)
         self._membership.add(key_hash, member, context)
-        return pb.AddMemberResponse(members=self._members_pb())
+        return pb.AddMemberResponse(members=_members_pb(self._replication.members))
 
     @_rpc
     def RemoveMember(self, request: pb.RemoveMemberRequest, context: grpc.ServicerContext) -> Any:
-        key_hash = self._key_hash(context)
+        key_hash = _caller_key_hash(context)
         self._membership.remove(key_hash, request.node_id, context)
-        return pb.RemoveMemberResponse(members=self._members_pb())
+        return pb.RemoveMemberResponse(members=_members_pb(self._replication.members))
 
 
 def _next_offset(request: Any) -> int:
